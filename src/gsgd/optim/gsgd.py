@@ -1,0 +1,258 @@
+"""GSGD: SGD in the positively scale-invariant space of a ReLU network, as a torch optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gsgd.basis import LayerIndex, block_index, route_products
+from gsgd.functional import allocate, edge_sums, g_space_gradient
+from gsgd.optim.common import (
+    NonFiniteError,
+    check_hyper_parameters,
+    momentum_direction,
+    plain_sgd_update,
+    resolve_params,
+)
+from gsgd.structure import Block, Structure, StructureError, layer_view
+
+
+@dataclass
+class _BlockParams:
+    block: Block
+    weights: list[nn.Parameter]
+    biases: list[nn.Parameter | None]
+    index_cpu: tuple[LayerIndex, ...]
+    index_cache: dict[torch.device, tuple[LayerIndex, ...]]
+
+    def index(self, device: torch.device) -> tuple[LayerIndex, ...]:
+        if device not in self.index_cache:
+            self.index_cache[device] = tuple(ix.to(device) for ix in self.index_cpu)
+        return self.index_cache[device]
+
+
+class GSGD(torch.optim.Optimizer):
+    r"""G-SGD (Meng et al., ICLR 2019): SGD on the basis-path values of every G-block.
+
+    For each G-block (a positively scalable chain found by :func:`gsgd.discover`):
+
+    .. code-block:: text
+
+        x_e = w_e * g_e                                 (g = dL/dw from ordinary backprop)
+        d_e = dL/dv_e  by the inverse chain rule        (gsgd.functional.g_space_gradient)
+        d_e += weight_decay * v_e                       (L2 on basis-path values)
+        buf = momentum * buf + (1 - dampening) * d      (heavy ball, in G-space)
+        s   = d + momentum * buf if nesterov else buf
+        v'  = v - lr * s   -> new weights by weight allocation, frozen edges unchanged
+
+    Every step is invariant under the rescaling group G: two networks related by a positive
+    rescaling of hidden units stay related by it. Parameters outside every G-block get plain SGD
+    with the same hyper-parameters (see :attr:`plain_parameters`).
+
+    Args:
+        params: an ``nn.Module`` (the common case: its structure is discovered), or parameters /
+            param groups together with ``model=`` (or ``structure=``).
+        lr: learning rate (in G-space).
+        momentum, dampening, nesterov: as in ``torch.optim.SGD``, applied to dL/dv.
+        weight_decay: L2 penalty on basis-path values (lambda/2 * v^2).
+        max_ratio: bound B on the carrier ratios R = v'/v, clamped to [1/B, B]. A ratio at or
+            below 0 would flip a designated route's sign and at 0 kill it; every clipped entry is
+            counted (:meth:`clip_counts`).
+        on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the parameter
+            when a gradient, weight or designated route is non-finite or zero; ``"skip"`` skips
+            the whole step instead and counts it in ``param_groups[i]["skipped_steps"]``.
+        model, structure: where the G-blocks come from when ``params`` is not a module.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable,
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        max_ratio: float = 100.0,
+        on_nonfinite: str = "raise",
+        *,
+        model: nn.Module | None = None,
+        structure: Structure | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
+                        on_nonfinite=on_nonfinite, skipped_steps=0)
+        check_hyper_parameters("GSGD", defaults)
+        params, model, named = resolve_params("GSGD", params, model)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_hyper_parameters("GSGD", group)
+        if structure is None:
+            from gsgd.discovery import discover
+
+            structure = discover(model)
+        self.structure = structure
+        self._blocks, self._block_group = self._bind(structure, named)
+        in_blocks = {id(p) for b in self._blocks for p in b.weights + b.biases if p is not None}
+        self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
+        names = {id(p): n for n, p in named.items()}
+        self.plain_parameters: tuple[str, ...] = tuple(names.get(id(p), "?") for p in self._plain)
+        self._names = names
+
+    # ------------------------------------------------------------------ structure binding
+    def _bind(self, structure: Structure, named: dict[str, nn.Parameter]
+              ) -> tuple[list[_BlockParams], list[dict]]:
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        blocks, groups = [], []
+        for block in structure.blocks:
+            missing = [n for n in block.param_names if n not in named]
+            if missing:
+                raise StructureError(f"GSGD: block parameters {missing} are not in the model")
+            params = [named[n] for n in block.param_names]
+            present = [id(p) in group_of for p in params]
+            if not any(present):
+                continue  # the user left this block out of the optimizer
+            if not all(present):
+                absent = [n for n, ok in zip(block.param_names, present, strict=True) if not ok]
+                raise ValueError(
+                    f"GSGD: parameters {absent} belong to a G-block with parameters given to the "
+                    "optimizer; a G-block is updated as a whole, pass all of its parameters"
+                )
+            gids = {id(group_of[id(p)]) for p in params}
+            if len(gids) != 1:
+                raise ValueError(
+                    "GSGD: all parameters of a G-block must be in one param group "
+                    f"(block {'-'.join(map(str, block.widths))}: {list(block.param_names)})"
+                )
+            weights = [named[layer.weight] for layer in block.layers]
+            biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
+            for layer, w in zip(block.layers, weights, strict=True):
+                layer_view(w.detach(), layer)  # validates shape and contiguity now
+            blocks.append(_BlockParams(block, weights, biases, block_index(block), {}))
+            groups.append(group_of[id(params[0])])
+        return blocks, groups
+
+    def summary(self) -> str:
+        """The G-structure this optimizer works on, and the parameters left to plain SGD."""
+        return self.structure.summary()
+
+    def clip_counts(self) -> list[int]:
+        """Per G-block: how many carrier ratios R have been clipped so far."""
+        return [int(self.state[b.weights[0]].get("clipped", 0)) for b in self._blocks]
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """Perform one G-SGD step (and plain SGD on parameters outside the G-blocks)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = []
+        for bp, group in zip(self._blocks, self._block_group, strict=True):
+            plan = self._prepare(bp)
+            if plan is not None:
+                plans.append((bp, group, plan))
+        if not self._all_finite(plans):
+            return loss
+        for bp, group, plan in plans:
+            self._update_block(bp, group, plan)
+        plain_ids = {id(p) for p in self._plain}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError(f"GSGD: sparse gradient for {self._names.get(id(p))}")
+            plain_sgd_update(self, params, group)
+        return loss
+
+    def _prepare(self, bp: _BlockParams):
+        """Views, gradients, route products and edge sums of a block (None: no gradient)."""
+        if all(p.grad is None for p in bp.weights):
+            return None
+        ws, gs, bs, gbs = [], [], [], []
+        for layer, w, b in zip(bp.block.layers, bp.weights, bp.biases, strict=True):
+            if w.grad is not None and w.grad.is_sparse:
+                raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
+            ws.append(layer_view(w, layer))
+            gs.append(layer_view(w.grad, layer) if w.grad is not None
+                      else torch.zeros_like(ws[-1]))
+            bs.append(b)
+            gbs.append(None if b is None else
+                       (b.grad if b.grad is not None else torch.zeros_like(b)))
+        index = bp.index(ws[0].device)
+        routes = route_products(ws, index)
+        sums = edge_sums(ws, gs)
+        return ws, gs, bs, gbs, index, routes, sums
+
+    def _all_finite(self, plans) -> bool:
+        """One synchronisation: all edge sums finite, all route products finite and non-zero?"""
+        if not plans:
+            return True
+        sums, routes = [], []
+        for _, _, (_, _, _, gbs, _, (alphas, betas), edge) in plans:
+            sums.extend(s.sum().reshape(1) for s in edge)
+            sums.extend(gb.sum().reshape(1) for gb in gbs if gb is not None)
+            routes.extend(alphas + betas)
+        route_cat = torch.cat(routes)
+        ok = torch.isfinite(torch.cat(sums)).all() & torch.isfinite(route_cat).all() \
+            & (route_cat != 0).all()
+        if bool(ok):
+            return True
+        problem = self._find_problem(plans)
+        if self.param_groups[0]["on_nonfinite"] == "skip":
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return False
+        raise NonFiniteError(f"GSGD: {problem}; the step was not taken "
+                             "(pass on_nonfinite='skip' to skip such steps)")
+
+    def _find_problem(self, plans) -> str:
+        """Name the first parameter with a non-finite value or a zero designated route."""
+        for bp, _, (ws, gs, bs, gbs, index, (alphas, betas), _) in plans:
+            for l, layer in enumerate(bp.block.layers):
+                if not torch.isfinite(ws[l]).all():
+                    return f"non-finite weight in {layer.weight}"
+                if not torch.isfinite(gs[l]).all():
+                    return f"non-finite gradient for {layer.weight}"
+                if bs[l] is not None and not torch.isfinite(bs[l]).all():
+                    return f"non-finite bias {layer.bias}"
+                if gbs[l] is not None and not torch.isfinite(gbs[l]).all():
+                    return f"non-finite gradient for {layer.bias}"
+            for l, (a, b) in enumerate(zip(alphas, betas, strict=True)):
+                bad = ((a == 0) | (b == 0) | ~torch.isfinite(a * b)).nonzero()
+                if len(bad):
+                    unit = int(bad[0])
+                    name = bp.block.layers[max(l - 1, 0)].weight
+                    return (f"designated route through unit {unit} of node layer {l} of the block "
+                            f"starting at {bp.block.layers[0].module} is zero or non-finite "
+                            f"(a designated weight of {name} or of a neighbouring layer is 0)")
+        return "non-finite value"
+
+    def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
+        ws, gs, bs, gbs, index, routes, sums = plan
+        lr, mu = group["lr"], group["momentum"]
+        damp, wd, nesterov = group["dampening"], group["weight_decay"], group["nesterov"]
+        dws, dbs = g_space_gradient(ws, gs, bs, gbs, index, routes, sums)
+        if wd:
+            alphas, betas = routes
+            for l, (w, d) in enumerate(zip(ws, dws, strict=True)):
+                d.addcmul_(w, betas[l + 1][:, None, None] * alphas[l][None, :, None], value=wd)
+                d.view(-1)[index[l].kap_flat] = 0
+                if dbs[l] is not None:
+                    dbs[l].addcmul_(bs[l], betas[l + 1], value=wd)
+        steps = [momentum_direction(self.state[p], d, mu, damp, nesterov)
+                 for p, d in zip(bp.weights, dws, strict=True)]
+        bsteps = [None if p is None else momentum_direction(self.state[p], d, mu, damp, nesterov)
+                  for p, d in zip(bp.biases, dbs, strict=True)]
+        result = allocate(ws, bs, steps, bsteps, lr, index, routes, group["max_ratio"])
+        for w, nw in zip(ws, result.weights, strict=True):
+            w.copy_(nw)
+        for b, nb in zip(bs, result.biases, strict=True):
+            if b is not None:
+                b.copy_(nb)
+        state = self.state[bp.weights[0]]
+        state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
+            result.clipped.cpu()
