@@ -189,7 +189,8 @@ def discover(model: nn.Module, strict: bool = False) -> Structure:
         elif shared:
             reason = f"{op.name}: its parameters are shared with another module"
         elif isinstance(op.module, nn.Conv2d) and op.module.groups != 1:
-            reason = f"{op.name}: Conv2d with groups={op.module.groups} (only groups=1 is supported)"
+            reason = (f"{op.name}: Conv2d with groups={op.module.groups} "
+                      "(only groups=1 is supported)")
         if reason:
             excluded.add(op.name)
             notes.append(reason + "; left to plain SGD")

@@ -24,8 +24,8 @@ OptTensors = list[torch.Tensor | None]
 
 def edge_sums(weights: Tensors, grads: Tensors) -> Tensors:
     """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector)."""
-    return [torch.linalg.vecdot(w, g, dim=0).sum(-1) if w.shape[-1] > 1
-            else torch.linalg.vecdot(w, g, dim=0)[:, 0] for w, g in zip(weights, grads, strict=True)]
+    return [torch.linalg.vecdot(w, g, dim=0).sum(-1)
+            for w, g in zip(weights, grads, strict=True)]
 
 
 def carrier_potentials(weights: Tensors, grads: Tensors, index: tuple[LayerIndex, ...],

@@ -155,7 +155,7 @@ def layer_view(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
 
 def layer_from_module(name: str, module: nn.Module, kind: str | None = None,
                       in_units: int | None = None) -> Layer:
-    """Describe a Linear or Conv2d module as a :class:`Layer` (parameter names are ``name.weight``)."""
+    """Describe a Linear or Conv2d module as a :class:`Layer` (parameters ``name.weight``...)."""
     prefix = f"{name}." if name else ""
     bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
     if isinstance(module, nn.Linear):

@@ -9,7 +9,7 @@ from torch import nn
 
 
 class NonFiniteError(FloatingPointError):
-    """A non-finite gradient / weight or a zero designated route; the message names the parameter."""
+    """A non-finite gradient or weight, or a zero designated route; the message names it."""
 
 
 ON_NONFINITE = ("raise", "skip")

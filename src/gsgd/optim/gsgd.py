@@ -211,7 +211,7 @@ class GSGD(torch.optim.Optimizer):
 
     def _find_problem(self, plans) -> str:
         """Name the first parameter with a non-finite value or a zero designated route."""
-        for bp, _, (ws, gs, bs, gbs, index, (alphas, betas), _) in plans:
+        for bp, _, (ws, gs, bs, gbs, _, (alphas, betas), _) in plans:
             for l, layer in enumerate(bp.block.layers):
                 if not torch.isfinite(ws[l]).all():
                     return f"non-finite weight in {layer.weight}"
