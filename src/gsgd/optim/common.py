@@ -32,6 +32,8 @@ def check_hyper_parameters(owner: str, hp: dict) -> None:
     if "max_ratio" in hp and not (isinstance(hp["max_ratio"], float | int)
                                   and hp["max_ratio"] > 1):
         raise bad("max_ratio", "must be a number > 1 (carrier ratios are clamped to [1/B, B])")
+    if "compile" in hp and not isinstance(hp["compile"], bool):
+        raise bad("compile", "must be True or False")
     if "on_nonfinite" in hp and hp["on_nonfinite"] not in ON_NONFINITE:
         raise bad("on_nonfinite", f"supported values are {ON_NONFINITE}")
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from gsgd.basis import LayerIndex, block_index, route_products
-from gsgd.functional import allocate, edge_sums, g_space_gradient
+from gsgd.functional import edge_sums
+from gsgd.fused import HyperParameters, compiled_dense_update, dense_update, fused_block_step
 from gsgd.optim.common import (
     NonFiniteError,
     check_hyper_parameters,
-    momentum_direction,
     plain_sgd_update,
     resolve_params,
 )
@@ -64,6 +64,9 @@ class GSGD(torch.optim.Optimizer):
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the parameter
             when a gradient, weight or designated route is non-finite or zero; ``"skip"`` skips
             the whole step instead and counts it in ``param_groups[i]["skipped_steps"]``.
+        compile: fuse the dense per-layer update with ``torch.compile`` (one kernel reading
+            w, g, buf and writing w, buf; compiled lazily on the first step). Same result as the
+            eager path to rounding.
         model, structure: where the G-blocks come from when ``params`` is not a module.
     """
 
@@ -77,13 +80,14 @@ class GSGD(torch.optim.Optimizer):
         nesterov: bool = False,
         max_ratio: float = 100.0,
         on_nonfinite: str = "raise",
+        compile: bool = False,
         *,
         model: nn.Module | None = None,
         structure: Structure | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
-                        on_nonfinite=on_nonfinite, skipped_steps=0)
+                        on_nonfinite=on_nonfinite, compile=compile, skipped_steps=0)
         check_hyper_parameters("GSGD", defaults)
         params, model, named = resolve_params("GSGD", params, model)
         super().__init__(params, defaults)
@@ -233,26 +237,26 @@ class GSGD(torch.optim.Optimizer):
 
     def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
         ws, gs, bs, gbs, index, routes, sums = plan
-        lr, mu = group["lr"], group["momentum"]
-        damp, wd, nesterov = group["dampening"], group["weight_decay"], group["nesterov"]
-        dws, dbs = g_space_gradient(ws, gs, bs, gbs, index, routes, sums)
-        if wd:
-            alphas, betas = routes
-            for l, (w, d) in enumerate(zip(ws, dws, strict=True)):
-                d.addcmul_(w, betas[l + 1][:, None, None] * alphas[l][None, :, None], value=wd)
-                d.view(-1)[index[l].kap_flat] = 0
-                if dbs[l] is not None:
-                    dbs[l].addcmul_(bs[l], betas[l + 1], value=wd)
-        steps = [momentum_direction(self.state[p], d, mu, damp, nesterov)
-                 for p, d in zip(bp.weights, dws, strict=True)]
-        bsteps = [None if p is None else momentum_direction(self.state[p], d, mu, damp, nesterov)
-                  for p, d in zip(bp.biases, dbs, strict=True)]
-        result = allocate(ws, bs, steps, bsteps, lr, index, routes, group["max_ratio"])
-        for w, nw in zip(ws, result.weights, strict=True):
-            w.copy_(nw)
-        for b, nb in zip(bs, result.biases, strict=True):
-            if b is not None:
-                b.copy_(nb)
+        hp = HyperParameters(group["lr"], group["momentum"], group["dampening"],
+                             group["weight_decay"], group["nesterov"], group["max_ratio"])
+        first = False
+        bufs: list[torch.Tensor | None] = [None] * len(ws)
+        bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
+        if hp.momentum:
+            first = "momentum_buffer" not in self.state[bp.weights[0]]
+            for l, (w, b) in enumerate(zip(bp.weights, bp.biases, strict=True)):
+                bufs[l] = self._buffer(w, ws[l])
+                bias_bufs[l] = None if b is None else self._buffer(b, b)
+        dense = compiled_dense_update() if group["compile"] else dense_update
+        clipped = fused_block_step(ws, gs, bs, gbs, bufs, bias_bufs, index, routes, sums, hp,
+                                   first, dense)
         state = self.state[bp.weights[0]]
         state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
-            result.clipped.cpu()
+            clipped.cpu()
+
+    def _buffer(self, p: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+        """The G-space momentum buffer of p, shaped like ``like`` (zeros when new)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state["momentum_buffer"].view_as(like)
