@@ -1,0 +1,107 @@
+"""Shared helpers for the G-SGD core tests: tiny chain nets, data, block tensors, tolerances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from gsgd.structure import Block, Structure, layer_view
+
+F64 = torch.float64
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky": lambda: nn.LeakyReLU(0.2),
+    "prelu": lambda: nn.PReLU(init=0.15),
+    "identity": nn.Identity,
+}
+
+
+def chain_net(widths: Sequence[int], bias: bool | Sequence[bool] = True,
+              activation: str | Sequence[str] = "relu", seed: int = 0,
+              dtype: torch.dtype = F64) -> nn.Sequential:
+    """Linear / activation / ... / Linear with the given node widths (deterministic from seed).
+
+    ``bias`` and ``activation`` may be given per layer / per hidden layer.
+    """
+    n = len(widths) - 1
+    biases = [bias] * n if isinstance(bias, bool) else list(bias)
+    acts = [activation] * (n - 1) if isinstance(activation, str) else list(activation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mods: list[nn.Module] = []
+        for l in range(n):
+            mods.append(nn.Linear(widths[l], widths[l + 1], bias=biases[l]))
+            if l < n - 1:
+                mods.append(ACTIVATIONS[acts[l]]())
+        net = nn.Sequential(*mods).to(dtype)
+    return net
+
+
+def batch(widths: Sequence[int], size: int = 16, seed: int = 1,
+          dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and regression targets for a net with these node widths."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, widths[0], generator=gen, dtype=dtype)
+    y = torch.randn(size, widths[-1], generator=gen, dtype=dtype)
+    return x, y
+
+
+def mse_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Zero the gradients, compute the MSE loss and backpropagate; returns the loss."""
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def block_tensors(model: nn.Module, block: Block, grads: bool = False
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Detached copies of a block's ``(out, in, taps)`` weight views and its biases.
+
+    With ``grads=True`` the gradients of those parameters instead (zeros where grad is None).
+    """
+    named = dict(model.named_parameters())
+
+    def get(p: torch.Tensor) -> torch.Tensor:
+        t = p.grad if grads else p
+        return (torch.zeros_like(p) if t is None else t).detach().clone()
+
+    ws = [layer_view(get(named[layer.weight]), layer) for layer in block.layers]
+    bs = [get(named[layer.bias]) if layer.bias else None for layer in block.layers]
+    return ws, bs
+
+
+def centres(block: Block) -> tuple[int, ...]:
+    return tuple(layer.centre for layer in block.layers)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float,
+                     what: str = "") -> None:
+    """max |actual - expected| <= rel * max(|expected|, tiny): a scale-free comparison."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    assert err <= rel * max(scale, 1e-300), f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def only_block(structure: Structure) -> Block:
+    assert len(structure.blocks) == 1, structure.summary()
+    return structure.blocks[0]
+
+
+@pytest.fixture
+def f64_default():
+    """Run a test with float64 as the default dtype (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    yield
+    torch.set_default_dtype(old)
