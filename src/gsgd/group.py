@@ -40,12 +40,25 @@ def rescale_block(model: nn.Module, block: Block, factors: list[torch.Tensor]) -
     named = _named(model)
     for k, c in enumerate(factors):
         into, out_of = block.layers[k], block.layers[k + 1]
-        w_in = layer_view(named[into.weight].data, into)
-        c = c.to(w_in)
-        w_in.mul_(c[:, None, None])
-        if into.bias:
-            named[into.bias].data.mul_(c)
-        layer_view(named[out_of.weight].data, out_of).div_(c[None, :, None])
+        rescale_hidden_layer(layer_view(named[into.weight].data, into),
+                             named[into.bias].data if into.bias else None,
+                             layer_view(named[out_of.weight].data, out_of), c)
+
+
+@torch.no_grad()
+def rescale_hidden_layer(w_in: torch.Tensor | None, b_in: torch.Tensor | None,
+                         w_out: torch.Tensor | None, factors: torch.Tensor) -> None:
+    """One hidden layer's part of g in G, in place on ``(out, in, taps)`` views (or None).
+
+    w_in[u, :, :] *= c_u,  b_in[u] *= c_u,  w_out[:, u, :] /= c_u.  Tensors that transform like
+    gradients (momentum buffers) take ``factors ** -1``, squared gradients ``factors ** -2``.
+    """
+    if w_in is not None:
+        w_in.mul_(factors.to(w_in)[:, None, None])
+    if b_in is not None:
+        b_in.mul_(factors.to(b_in))
+    if w_out is not None:
+        w_out.div_(factors.to(w_out)[None, :, None])
 
 
 def random_factors(block: Block, generator: torch.Generator, low: float = -2.0,
