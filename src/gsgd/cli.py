@@ -1,0 +1,360 @@
+"""The ``gsgd`` command: run experiment configs, quick comparisons, lr sweeps, reports, demo.
+
+    gsgd demo                          the README's comparison: G-SGD vs SGD on MNIST, 3 seeds
+    gsgd run CONFIG [--dry-run] ...    every optimizer x seed of a TOML config, then the report
+    gsgd compare --dataset mnist ...   an ad-hoc comparison without a config file
+    gsgd sweep CONFIG                  pick each optimizer's lr on the validation split
+    gsgd report DIR                    rebuild report.md / curves.png of a results directory
+    gsgd summary CONFIG | --widths ... print a model's G-structure (blocks, m, H, plain params)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from gsgd.experiments.config import (
+    DATASET_SHAPES,
+    DEFAULT_LABELS,
+    MODEL_KINDS,
+    OPTIMIZER_NAMES,
+    SCHEDULES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+)
+
+__all__ = ["build_parser", "demo_config", "main"]
+
+DEMO_EPOCHS = 3
+DEMO_SEEDS = (0, 1, 2)
+
+
+def demo_config(epochs: int = DEMO_EPOCHS, seeds: Sequence[int] = DEMO_SEEDS) -> Config:
+    """The README's job: MNIST, MLP 784-64x4-10 without biases, batch 64, G-SGD vs SGD from the
+    same skeleton init with the same lr schedule 0.1*exp(-0.01*epoch) (the paper's setting,
+    shortened to a few epochs)."""
+    opt = {"lr": 0.1, "lr_schedule": "exp", "gamma": 0.01}
+    return config_from_dict({
+        "experiment": {
+            "name": "demo", "dataset": "mnist", "seeds": list(seeds), "epochs": epochs,
+            "batch_size": 64, "val_size": 5000,
+            "description": "G-SGD vs SGD, MNIST MLP 784-64-64-64-64-10 without biases, batch 64,"
+                           " lr 0.1*exp(-0.01*epoch), both from the skeleton init "
+                           f"(the paper's 300-epoch setting shortened to {epochs} epochs).",
+        },
+        "model": {"kind": "mlp", "widths": [784, 64, 64, 64, 64, 10], "bias": False},
+        "init": {"skeleton": True},
+        "optimizers": [{"name": "gsgd", **opt}, {"name": "sgd", **opt}],
+    })
+
+
+# --------------------------------------------------------------------------- argument helpers
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}"
+                                         ) from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> None:
+    p.add_argument("--out", default=out_default, help="results directory (default: %(default)s)")
+    p.add_argument("--seeds", type=_int_list, help="override [experiment] seeds, e.g. 0,1,2")
+    p.add_argument("--epochs", type=int, help="override [experiment] epochs")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the device")
+    p.add_argument("--data", choices=("real", "synthetic"), default="real",
+                   help="'synthetic': random data of the dataset's shape (clearly labelled)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="1 epoch, 3 batches, first seed, small eval subsets, into "
+                        "<out>/dry-run/ (synthetic data if the dataset is not available)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue interrupted runs and skip finished ones (default); "
+                        "--no-resume starts them over")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (the one-line-per-epoch log stays)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gsgd`` argument parser."""
+    parser = argparse.ArgumentParser(prog="gsgd", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a TOML experiment config")
+    p.add_argument("config", type=Path)
+    _add_run_options(p)
+
+    p = sub.add_parser("sweep", help="choose each optimizer's lr on the validation split")
+    p.add_argument("config", type=Path)
+    _add_run_options(p)
+
+    p = sub.add_parser("compare", help="ad-hoc comparison without a config file")
+    p.add_argument("--name", help="experiment name (default: compare-<dataset>-<model>)")
+    p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
+    p.add_argument("--data-root", default="")
+    p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    p.add_argument("--widths", type=_int_list, default=[784, 64, 64, 64, 64, 10])
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=int, default=16, help="CNN base channels")
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--optimizers", type=_str_list, default=["gsgd", "sgd"],
+                   help=f"comma-separated, from {', '.join(OPTIMIZER_NAMES)}")
+    p.add_argument("--lr", type=_float_list, default=[0.1],
+                   help="one lr for all optimizers, or one per optimizer")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--gamma", type=float, default=0.01, help="exp schedule: lr*exp(-gamma*ep)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skeleton", action=argparse.BooleanOptionalAction, default=True,
+                   help="the paper's skeleton init for every optimizer (default on)")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="rebuild report.md and curves.png of a results directory")
+    p.add_argument("dir", type=Path, help="an experiment directory, e.g. runs/demo")
+
+    p = sub.add_parser("summary", help="print a model's G-structure")
+    p.add_argument("config", type=Path, nargs="?", help="a TOML config (or use --widths)")
+    p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
+    p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
+    p.add_argument("--widths", type=_int_list, default=[784, 64, 64, 64, 64, 10])
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
+
+    p = sub.add_parser("demo", help="the README's comparison: G-SGD vs SGD on MNIST")
+    p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
+    p.add_argument("--seeds", type=_int_list, default=list(DEMO_SEEDS))
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _options(args: argparse.Namespace):
+    from gsgd.experiments.runner import RunOptions, dry_run_options
+
+    options = RunOptions(resume=args.resume,
+                         progress=not args.quiet and sys.stderr.isatty(),
+                         synthetic=getattr(args, "data", "real") == "synthetic")
+    return dry_run_options(options) if getattr(args, "dry_run", False) else options
+
+
+def _override(config: Config, args: argparse.Namespace) -> Config:
+    exp = config.experiment
+    if args.seeds is not None:
+        if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            raise ConfigError(f"--seeds {args.seeds}: give distinct integers >= 0")
+        exp = replace(exp, seeds=tuple(args.seeds))
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError(f"--epochs {args.epochs}: must be >= 1")
+        exp = replace(exp, epochs=args.epochs)
+    if getattr(args, "device", None):
+        exp = replace(exp, device=args.device)
+    config = replace(config, experiment=exp)
+    if getattr(args, "dry_run", False):
+        from gsgd.experiments.runner import dry_run_config
+
+        config = dry_run_config(config)
+    return config
+
+
+def _out_dir(args: argparse.Namespace, config: Config) -> Path:
+    out = Path(args.out)
+    if getattr(args, "dry_run", False):
+        from gsgd.experiments.runner import clear_dir
+
+        out = out / "dry-run"
+        clear_dir(out / config.experiment.name)
+        clear_dir(out / f"{config.experiment.name}-sweep")
+    return out
+
+
+def _print_reports(dirs: list[Path], out: Path, name: str) -> None:
+    for d in dirs:
+        print()
+        print((d / "report.md").read_text().rstrip())
+        print(f"\nReport: {d / 'report.md'}\nPlot:   {d / 'curves.png'}")
+    if len(dirs) > 1:
+        print(f"\nPer-variant summary: {out / name / 'report.md'}")
+
+
+def _cmd_run(args: argparse.Namespace, config: Config | None = None) -> int:
+    from gsgd.experiments.runner import run_experiment
+
+    config = _override(config or load_config(args.config), args)
+    out = _out_dir(args, config)
+    if args.dry_run:
+        print(f"DRY RUN of {config.experiment.name}: 1 epoch, <= 3 batches of "
+              f"{config.experiment.batch_size}, seed {config.experiment.seeds[0]}, into "
+              f"{out / config.experiment.name}")
+    dirs = run_experiment(config, out, _options(args))
+    _print_reports(dirs, out, config.experiment.name)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from gsgd.experiments.sweep import run_sweep
+
+    config = _override(load_config(args.config), args)
+    out = _out_dir(args, config)
+    result = run_sweep(config, out, _options(args))
+    print(result.report.read_text().rstrip())
+    print(f"\nSweep report: {result.report}")
+    for path in result.configs:
+        print(f"Tuned config: {path}   (run it: gsgd run {path})")
+    return 0
+
+
+def _compare_config(args: argparse.Namespace) -> Config:
+    lrs = args.lr
+    if len(lrs) not in (1, len(args.optimizers)):
+        raise ConfigError(f"--lr: give one lr or one per optimizer ({len(args.optimizers)}), "
+                          f"got {len(lrs)}")
+    if len(lrs) == 1:
+        lrs = lrs * len(args.optimizers)
+    opts = []
+    for name, lr in zip(args.optimizers, lrs, strict=True):
+        entry = {"name": name, "lr": lr, "momentum": args.momentum,
+                 "weight_decay": args.weight_decay, "lr_schedule": args.schedule}
+        if args.schedule == "exp":
+            entry["gamma"] = args.gamma
+        if args.schedule == "step":
+            raise ConfigError("--schedule step: use a config file (milestones, factor)")
+        if name == "adam":
+            entry.pop("momentum")
+        opts.append(entry)
+    model: dict = {"kind": args.model}
+    if args.model == "mlp":
+        model.update(widths=args.widths, bias=args.bias)
+    else:
+        model.update(depth=args.depth, width=args.width, batchnorm=args.batchnorm)
+    return config_from_dict({
+        "experiment": {"name": args.name or f"compare-{args.dataset}-{args.model}",
+                       "dataset": args.dataset, "data_root": args.data_root,
+                       "batch_size": args.batch_size,
+                       "seeds": args.seeds or [0], "epochs": args.epochs or 3},
+        "model": model,
+        "init": {"skeleton": args.skeleton},
+        "optimizers": opts,
+    })
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    unknown = [o for o in args.optimizers if o not in OPTIMIZER_NAMES]
+    if unknown:
+        raise ConfigError(f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZER_NAMES)}")
+    labels = [DEFAULT_LABELS[o] for o in args.optimizers]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("--optimizers: name each optimizer once (use a config file to compare "
+                          "several settings of one optimizer)")
+    config = _compare_config(args)
+    args.seeds = args.epochs = None  # already applied
+    return _cmd_run(args, config)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gsgd.experiments.report import write_group_report, write_report
+
+    d = args.dir
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such directory")
+    if (d / "experiment.json").exists() or any(d.glob("*/seed*/spec.json")):
+        report = write_report(d)
+        print(report.read_text().rstrip())
+        print(f"\nReport: {report}\nPlot:   {d / 'curves.png'}")
+        return 0
+    variants = sorted(x for x in d.iterdir() if (x / "experiment.json").exists())
+    if not variants:
+        raise FileNotFoundError(f"{d}: no experiment found (expected experiment.json or "
+                                "<label>/seed<k>/ directories)")
+    for v in variants:
+        write_report(v)
+    path = write_group_report(d, variants)
+    print(path.read_text().rstrip())
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from gsgd.experiments.models import build_model, model_structure
+
+    if args.config is not None:
+        config = load_config(args.config)
+        variants = [(v, c.model, c.experiment.dataset) for v, c in config.variants()]
+    else:
+        model_table: dict = {"kind": args.model}
+        if args.model == "mlp":
+            model_table.update(widths=args.widths, bias=args.bias)
+        else:
+            model_table.update(depth=args.depth, width=args.width, batchnorm=args.batchnorm)
+        config = config_from_dict({"experiment": {"name": "summary", "dataset": args.dataset},
+                                   "model": model_table, "optimizers": [{"name": "gsgd",
+                                                                         "lr": 0.1}]})
+        variants = [("", config.model, args.dataset)]
+    for variant, model_cfg, dataset in variants:
+        shape, classes = DATASET_SHAPES[dataset]
+        model = build_model(model_cfg, shape, classes, seed=0)
+        if variant:
+            print(f"== {variant}")
+        print(model_structure(model, model_cfg).summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gsgd.experiments.runner import RunOptions, run_experiment
+
+    config = demo_config(args.epochs, args.seeds)
+    print(f"gsgd demo: {config.experiment.description}\nSeeds {list(config.experiment.seeds)};"
+          f" results in {Path(args.out) / 'demo'} (rerun resumes / skips finished runs).")
+    options = RunOptions(resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    dirs = run_experiment(config, Path(args.out), options)
+    _print_reports(dirs, Path(args.out), "demo")
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "compare": _cmd_compare,
+             "report": _cmd_report, "summary": _cmd_summary, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gsgd`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"gsgd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

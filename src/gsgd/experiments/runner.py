@@ -1,0 +1,449 @@
+"""Train one model with several optimizers and seeds: deterministic, checkpointed, resumable.
+
+One run = (config, optimizer spec, seed), stored in ``<exp_dir>/<label>/seed<k>/``:
+
+* ``spec.json``     what the run is (a rerun with a different spec into the same place is refused);
+* ``metrics.jsonl`` one JSON line per epoch (train loss = mean over the epoch's batches, train
+  accuracy on a fixed subset of ``train_eval_size`` examples, val / test loss and accuracy, lr,
+  seconds), flushed and fsync'ed; a diverged run ends with a line ``{"diverged": true, ...}``;
+* ``checkpoint.pt`` model, optimizer and RNG states, epoch, batch index, loss so far and the
+  metrics history, written atomically (temp file + ``os.replace``) at every epoch end and every
+  ``checkpoint_every`` batches;
+* ``final.json``    the run's summary; a run with it is skipped when the experiment is rerun.
+
+Determinism: the model is built from the seed (PyTorch default init), the batch order is drawn
+from a ``torch.Generator`` seeded with the seed, and the generator state at the start of the
+epoch is checkpointed, so a resumed run replays the same batches (``iterate_batches(start=k)``)
+and ends with bit-identical metrics. The init is the same for every optimizer: the paper's
+skeleton init (designated weights := 1) when ``[init] skeleton``, then the optional random
+rescaling, so SGD from the skeleton init is the fair control.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from gsgd.data import DatasetSplits, iterate_batches, num_batches
+from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
+from gsgd.experiments.datasets import ExperimentData, load_experiment_data
+from gsgd.experiments.models import build_model, model_structure
+from gsgd.experiments.optimizers import build_optimizer
+from gsgd.group import random_rescale, skeleton_init
+from gsgd.optim.common import NonFiniteError
+
+__all__ = [
+    "RunInterrupted",
+    "RunOptions",
+    "atomic_write_text",
+    "evaluate",
+    "experiment_dirs",
+    "prepare_model",
+    "resolve_device",
+    "run_dir_for",
+    "run_experiment",
+    "train_run",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+class RunInterrupted(RuntimeError):
+    """Raised by ``RunOptions.stop_after_batches``: simulates a kill (nothing extra is saved)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How runs are executed (not what they compute, except the dry-run limits)."""
+
+    resume: bool = True
+    progress: bool = False
+    log: Callable[[str], None] | None = print
+    max_batches_per_epoch: int | None = None  # dry runs
+    eval_limit: int | None = None  # dry runs: evaluate on the first N examples of each split
+    evaluate_test: bool = True  # lr sweeps never look at the test split
+    stop_after_batches: int | None = None  # tests: stop (as if killed) after N batches
+    synthetic: bool = False  # train on labelled synthetic data of the dataset's shape
+    fallback_to_synthetic: bool = False  # dry runs: synthetic data when the dataset is absent
+    allow_cpu_fallback: bool = False  # dry runs: device "cuda" runs on the CPU when absent
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resolve_device(name: str, allow_cpu_fallback: bool = False) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (refused when absent, unless ``allow_cpu_fallback``) or ``"auto"``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        if allow_cpu_fallback:
+            return torch.device("cpu")
+        raise RuntimeError("[experiment] device = 'cuda' but CUDA is not available here; use "
+                           "device = 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def run_dir_for(exp_dir: Path, label: str, seed: int) -> Path:
+    """``<exp_dir>/<label>/seed<k>``."""
+    return Path(exp_dir) / label / f"seed{seed}"
+
+
+def experiment_dirs(config: Config, out_dir: Path) -> list[tuple[str, Config, Path]]:
+    """(variant name, single-model config, directory) per model variant of ``config``."""
+    base = Path(out_dir) / config.experiment.name
+    return [(v, c, base / v if v else base) for v, c in config.variants()]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)``, in eval mode."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for lo in range(0, len(y), batch_size):
+        out = model(x[lo:lo + batch_size])
+        yb = y[lo:lo + batch_size]
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    model.train(was_training)
+    return loss / len(y), correct / len(y)
+
+
+def prepare_model(config: Config, seed: int, data: DatasetSplits):
+    """Model from ``seed``, its structure, the skeleton init and the optional rescaling."""
+    model = build_model(config.model, data.input_shape, data.num_classes, seed)
+    structure = model_structure(model, config.model)
+    if config.init.skeleton:
+        skeleton_init(model, structure, keep_sign=config.init.keep_sign)
+    r = config.init.rescale
+    if r is not None:
+        random_rescale(model, structure, seed=seed, low=r.low, high=r.high, base=r.base)
+    return model, structure
+
+
+def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
+              options: RunOptions) -> dict:
+    """What determines a run's numbers (epochs excluded: a finished run can be extended)."""
+    cfg = config_to_dict(config)
+    exp = {k: v for k, v in cfg["experiment"].items()
+           if k not in ("name", "description", "seeds", "epochs", "eval_every",
+                        "checkpoint_every", "device")}
+    return {
+        "experiment": exp, "model": cfg["model"], "init": cfg["init"],
+        "optimizer": {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in asdict(spec).items() if k != "sweep"},
+        "seed": seed, "data": data_name,
+        "limits": {"max_batches_per_epoch": options.max_batches_per_epoch,
+                   "eval_limit": options.eval_limit, "evaluate_test": options.evaluate_test},
+    }
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _check_spec(run_dir: Path, spec: dict) -> None:
+    path = run_dir / "spec.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != spec:
+            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(
+                f"{run_dir} holds a run with a different spec (differs in {diff}); rerun with "
+                "--no-resume to start it over, or choose another --out")
+    else:
+        atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in ("checkpoint.pt", "metrics.jsonl", "final.json", "spec.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _clip_total(optimizer: torch.optim.Optimizer) -> int | None:
+    counts = getattr(optimizer, "clip_counts", None)
+    return int(sum(counts())) if callable(counts) else None
+
+
+def _final_summary(history: list[dict], label: str, spec: OptimizerSpec, seed: int,
+                   epochs: int) -> dict:
+    diverged = [h for h in history if h.get("diverged")]
+    done = [h for h in history if not h.get("diverged")]
+    evaluated = [h for h in done if h.get("val_acc") is not None]
+
+    def best(key: str) -> float | None:
+        vals = [h[key] for h in evaluated if h.get(key) is not None]
+        return max(vals) if vals else None
+
+    return {
+        "label": label, "optimizer": spec.name, "lr": spec.describe_lr(), "seed": seed,
+        "status": "diverged" if diverged else "finished",
+        "reason": diverged[0]["reason"] if diverged else None,
+        "epochs": len(done), "epochs_planned": epochs,
+        "final": evaluated[-1] if evaluated else None,
+        "best_val_acc": best("val_acc"), "best_test_acc": best("test_acc"),
+        "time_per_epoch": (sum(h["time"] for h in done) / len(done)) if done else None,
+    }
+
+
+def _epoch_line(label: str, seed: int, rec: dict, epochs: int) -> str:
+    def pct(key: str) -> str:
+        v = rec.get(key)
+        return "  -  " if v is None else f"{100 * v:5.2f}%"
+
+    return (f"{label} seed{seed} epoch {rec['epoch']}/{epochs}: lr {rec['lr']:.4g} "
+            f"loss {rec['train_loss']:.4f} train {pct('train_acc')} val {pct('val_acc')} "
+            f"test {pct('test_acc')} ({rec['time']:.1f} s)")
+
+
+def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
+              data: DatasetSplits, options: RunOptions | None = None) -> dict:
+    """Train (or resume, or skip when finished) one run; return its ``final.json`` summary."""
+    options = options or RunOptions()
+    exp = config.experiment
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not options.resume:
+        _clear_run(run_dir)
+    _check_spec(run_dir, _run_spec(config, spec, seed, data.name, options))
+    final_path, ckpt_path, metrics_path = (run_dir / "final.json", run_dir / "checkpoint.pt",
+                                           run_dir / "metrics.jsonl")
+    if final_path.exists():
+        final = json.loads(final_path.read_text())
+        if final["status"] == "diverged" or final["epochs_planned"] == exp.epochs:
+            return final
+        if final["epochs"] > exp.epochs:
+            raise ValueError(f"{run_dir} already ran {final['epochs']} epochs, more than "
+                             f"epochs = {exp.epochs}; use --no-resume or another --out")
+        final_path.unlink()  # extend a finished run to more epochs
+
+    device = resolve_device(exp.device, options.allow_cpu_fallback)
+    dtype = getattr(torch, exp.dtype)
+    torch.manual_seed(seed)
+    model, structure = prepare_model(config, seed, data)
+    model.to(device=device, dtype=dtype)
+    optimizer = build_optimizer(spec, model, structure)
+    generator = torch.Generator().manual_seed(seed)
+
+    def to_device(split, limit: int | None):
+        n = len(split.y) if limit is None else min(limit, len(split.y))
+        return split.x[:n].to(device=device, dtype=dtype), split.y[:n].to(device)
+
+    train_x, train_y = to_device(data.train, None)
+    limit = options.eval_limit
+    sub = exp.train_eval_size if limit is None else min(exp.train_eval_size, limit)
+    evals = {"train": to_device(data.train, sub), "val": to_device(data.val, limit)}
+    if options.evaluate_test:
+        evals["test"] = to_device(data.test, limit)
+
+    per_epoch = num_batches(len(train_y), exp.batch_size)
+    if options.max_batches_per_epoch is not None:
+        per_epoch = min(per_epoch, options.max_batches_per_epoch)
+    state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "loss_count": 0, "elapsed": 0.0,
+             "history": [], "gen_state": generator.get_state()}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{ckpt_path}: unknown checkpoint version {ckpt.get('version')}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = {k: ckpt[k] for k in state}
+        generator.set_state(state["gen_state"])
+    history: list[dict] = state["history"]
+    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+
+    def checkpoint(epoch: int, batch: int, gen_state: torch.Tensor, loss_sum: float,
+                   loss_count: int, elapsed: float) -> None:
+        _atomic_torch_save({
+            "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "epoch": epoch, "batch": batch, "loss_sum": loss_sum, "loss_count": loss_count,
+            "elapsed": elapsed, "history": history, "gen_state": gen_state,
+        }, ckpt_path)
+
+    log = options.log or (lambda _msg: None)
+    bar = tqdm(total=exp.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
+               desc=f"{spec.label} seed{seed}", disable=not options.progress, leave=False,
+               dynamic_ncols=True)
+    done_here = 0
+    try:
+        for epoch in range(state["epoch"], exp.epochs):
+            lr = spec.lr_at(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            start = state["batch"] if epoch == state["epoch"] else 0
+            loss_sum = state["loss_sum"] if epoch == state["epoch"] else 0.0
+            loss_count = state["loss_count"] if epoch == state["epoch"] else 0
+            elapsed = state["elapsed"] if epoch == state["epoch"] else 0.0
+            epoch_gen_state = generator.get_state()
+            batches = iterate_batches(train_x, train_y, exp.batch_size, shuffle=True,
+                                      generator=generator, augment=data.train_augment,
+                                      start=start)
+            model.train()
+            t0 = time.perf_counter()
+            diverged = None
+            for i, (xb, yb) in zip(range(start, per_epoch), batches, strict=False):
+                if options.stop_after_batches is not None \
+                        and done_here >= options.stop_after_batches:
+                    raise RunInterrupted(f"stopped after {done_here} batches (simulated kill)")
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(xb), yb)
+                value = loss.item() if not loss.requires_grad else loss.detach().item()
+                if not math.isfinite(value):
+                    diverged = (i, f"non-finite training loss {value}")
+                    break
+                loss.backward()
+                try:
+                    optimizer.step()
+                except NonFiniteError as exc:
+                    diverged = (i, f"{type(exc).__name__}: {exc}")
+                    break
+                loss_sum += value
+                loss_count += 1
+                done_here += 1
+                bar.update(1)
+                if exp.checkpoint_every and (i + 1) % exp.checkpoint_every == 0 \
+                        and i + 1 < per_epoch:
+                    checkpoint(epoch, i + 1, epoch_gen_state, loss_sum, loss_count,
+                               elapsed + time.perf_counter() - t0)
+            train_time = elapsed + time.perf_counter() - t0
+            if diverged is not None:
+                rec = {"epoch": epoch + 1, "diverged": True, "batch": diverged[0],
+                       "reason": diverged[1], "lr": lr}
+                history.append(rec)
+                _append_line(metrics_path, rec)
+                (tqdm.write if options.progress else log)(
+                    f"{spec.label} seed{seed} DIVERGED in epoch {epoch + 1} at batch "
+                    f"{diverged[0]}: {diverged[1]}")
+                break
+            rec = {"epoch": epoch + 1, "lr": lr,
+                   "train_loss": loss_sum / max(loss_count, 1), "time": train_time}
+            t1 = time.perf_counter()
+            last = epoch + 1 == exp.epochs
+            if last or (epoch + 1) % exp.eval_every == 0:
+                for name, (x, y) in evals.items():
+                    rec[f"{name}_loss"], rec[f"{name}_acc"] = evaluate(
+                        model, x, y, exp.eval_batch_size)
+            rec["eval_time"] = time.perf_counter() - t1
+            clipped = _clip_total(optimizer)
+            if clipped is not None:
+                rec["clipped"] = clipped
+            history.append(rec)
+            checkpoint(epoch + 1, 0, generator.get_state(), 0.0, 0, 0.0)
+            _append_line(metrics_path, rec)
+            (tqdm.write if options.progress else log)(_epoch_line(spec.label, seed, rec,
+                                                                  exp.epochs))
+    finally:
+        bar.close()
+    final = _final_summary(history, spec.label, spec, seed, exp.epochs)
+    atomic_write_text(final_path, json.dumps(final, indent=1) + "\n")
+    return final
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def _write_experiment_json(exp_dir: Path, config: Config, variant: str,
+                           data: ExperimentData) -> None:
+    info = {"name": config.experiment.name, "variant": variant,
+            "description": config.experiment.description,
+            "dataset": config.experiment.dataset, "data": data.splits.name,
+            "synthetic": data.synthetic, "note": data.note,
+            "labels": [s.label for s in config.optimizers],
+            "optimizers": {s.label: s.name for s in config.optimizers},
+            "config": config_to_dict(config)}
+    atomic_write_text(exp_dir / "experiment.json", json.dumps(info, indent=1) + "\n")
+
+
+def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = None,
+                   report: bool = True) -> list[Path]:
+    """Run every (variant, optimizer, seed) of ``config`` under ``out_dir/<name>``.
+
+    Returns the experiment directories (one per model variant). Writes ``report.md`` and
+    ``curves.png`` into each (and a per-variant summary into ``out_dir/<name>`` when there are
+    several variants) unless ``report`` is False.
+    """
+    from gsgd.experiments.report import write_group_report, write_report
+
+    options = options or RunOptions()
+    log = options.log or (lambda _msg: None)
+    dirs = []
+    data = load_experiment_data(config.experiment, synthetic=options.synthetic,
+                                fallback_to_synthetic=options.fallback_to_synthetic)
+    if data.synthetic:
+        log(f"NOTE: {data.note}")
+    for variant, cfg, exp_dir in experiment_dirs(config, out_dir):
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        _write_experiment_json(exp_dir, cfg, variant, data)
+        for spec in cfg.optimizers:
+            for seed in cfg.experiment.seeds:
+                train_run(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed), data.splits,
+                          options)
+        if report:
+            write_report(exp_dir)
+        dirs.append(exp_dir)
+    if report and len(dirs) > 1:
+        write_group_report(Path(out_dir) / config.experiment.name, dirs)
+    return dirs
+
+
+def dry_run_config(config: Config, batch_size: int = 32) -> Config:
+    """The dry-run version of ``config``: 1 epoch, its first seed, small batches, checkpoints
+    every 2 batches (so the mid-epoch checkpoint path runs too)."""
+    exp = replace(config.experiment, epochs=1, seeds=config.experiment.seeds[:1],
+                  batch_size=min(config.experiment.batch_size, batch_size), checkpoint_every=2,
+                  eval_every=1)
+    return replace(config, experiment=exp)
+
+
+def dry_run_options(options: RunOptions) -> RunOptions:
+    """Limits of a dry run: 3 batches per epoch, 128 examples per evaluation."""
+    return replace(options, max_batches_per_epoch=3, eval_limit=128, resume=False,
+                   fallback_to_synthetic=True, allow_cpu_fallback=True)
+
+
+def clear_dir(path: Path) -> None:
+    """Remove ``path`` (a dry-run output directory) if it exists."""
+    if Path(path).exists():
+        shutil.rmtree(path)

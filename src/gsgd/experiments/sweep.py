@@ -1,0 +1,122 @@
+"""Learning-rate sweep: pick each optimizer's lr on the validation split, never on test.
+
+For every optimizer with ``sweep = [lr, ...]`` each lr is trained (runs labelled
+``<label>@lr=<lr>`` in ``<out>/<name>-sweep/``) without ever evaluating the test split; the lr with
+the best mean final validation accuracy over the seeds wins (ties: lower mean final train loss;
+a run that diverged counts as accuracy -inf). Writes ``sweep.md`` and a tuned config per model
+variant, ready for ``gsgd run``, with the chosen lrs and no sweep lists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gsgd.experiments.config import Config, OptimizerSpec, config_to_toml
+from gsgd.experiments.datasets import load_experiment_data
+from gsgd.experiments.runner import (
+    RunOptions,
+    atomic_write_text,
+    experiment_dirs,
+    run_dir_for,
+    train_run,
+)
+
+__all__ = ["SweepResult", "choose_lr", "run_sweep", "sweep_label"]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What the sweep chose, and where it wrote the report and the tuned configs."""
+
+    chosen: dict[str, dict[str, float]]  # variant -> optimizer label -> lr
+    report: Path
+    configs: list[Path]
+
+
+def sweep_label(spec: OptimizerSpec, lr: float) -> str:
+    """The run label of ``spec`` at learning rate ``lr``."""
+    return f"{spec.label}@lr={lr:g}"
+
+
+def choose_lr(scores: dict[float, list[tuple[float, float]]]) -> float:
+    """The lr with the best mean final (val accuracy, -train loss); -inf marks divergence."""
+    def key(lr: float) -> tuple[float, float]:
+        accs = [a for a, _ in scores[lr]]
+        losses = [loss for _, loss in scores[lr]]
+        return (statistics.fmean(accs) if accs else -math.inf,
+                -statistics.fmean(losses) if losses and all(map(math.isfinite, losses))
+                else -math.inf)
+    return max(sorted(scores), key=key)
+
+
+def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None) -> SweepResult:
+    """Run the lr sweep of ``config`` under ``out_dir/<name>-sweep`` and choose each lr."""
+    options = replace(options or RunOptions(), evaluate_test=False)
+    swept = [s for s in config.optimizers if s.sweep]
+    if not swept:
+        raise ValueError(f"{config.experiment.name}: no optimizer has sweep = [lrs...]; add "
+                         "e.g. sweep = [0.01, 0.03, 0.1] to an [[optimizers]] table")
+    data = load_experiment_data(config.experiment, synthetic=options.synthetic,
+                                fallback_to_synthetic=options.fallback_to_synthetic)
+    name = f"{config.experiment.name}-sweep"
+    base = replace(config, experiment=replace(config.experiment, name=name))
+    sweep_dir = Path(out_dir) / name
+    chosen: dict[str, dict[str, float]] = {}
+    lines = [f"# lr sweep: {config.experiment.name}", "",
+             f"Data: {data.splits.name}. Selection on the validation split only (the test split "
+             "is never evaluated). Final validation accuracy (%), mean over seeds "
+             f"{list(config.experiment.seeds)}.", ""]
+    configs = []
+    for variant, cfg, exp_dir in experiment_dirs(base, out_dir):
+        chosen[variant] = {}
+        if variant:
+            lines += [f"## {variant}", ""]
+        lines += ["| optimizer | lr | final val acc | final train loss | diverged | chosen |",
+                  "|---|---|---|---|---|---|"]
+        tuned = []
+        for spec in cfg.optimizers:
+            if not spec.sweep:
+                tuned.append(spec)
+                continue
+            scores: dict[float, list[tuple[float, float]]] = {}
+            for lr in spec.sweep:
+                run_spec = replace(spec, lr=lr, label=sweep_label(spec, lr), sweep=())
+                scores[lr] = []
+                for seed in cfg.experiment.seeds:
+                    final = train_run(cfg, run_spec, seed,
+                                      run_dir_for(exp_dir, run_spec.label, seed),
+                                      data.splits, options)
+                    last = final["final"] or {}
+                    acc = last.get("val_acc") if final["status"] == "finished" else None
+                    loss = last.get("train_loss") if acc is not None else None
+                    scores[lr].append((-math.inf if acc is None else acc,
+                                       math.inf if loss is None else loss))
+            best = choose_lr(scores)
+            chosen[variant][spec.label] = best
+            tuned.append(replace(spec, lr=best, sweep=()))
+            for lr in spec.sweep:
+                accs = [a for a, _ in scores[lr] if math.isfinite(a)]
+                losses = [x for _, x in scores[lr] if math.isfinite(x)]
+                n_div = sum(1 for a, _ in scores[lr] if not math.isfinite(a))
+                acc_txt = f"{100 * statistics.fmean(accs):.2f}" if accs else "-"
+                loss_txt = f"{statistics.fmean(losses):.4f}" if losses else "-"
+                mark = "**yes**" if lr == best else ""
+                lines.append(f"| {spec.label} | {lr:g} | {acc_txt} | {loss_txt} | {n_div} | "
+                             f"{mark} |")
+        lines.append("")
+        exp = replace(cfg.experiment, name=f"{config.experiment.name}-tuned"
+                      + (f"-{variant}" if variant else ""))
+        tuned_cfg = replace(cfg, experiment=exp, optimizers=tuple(tuned))
+        path = sweep_dir / f"{exp.name}.toml"
+        header = (f"Tuned by `gsgd sweep` from {config.experiment.name}: lrs chosen on the "
+                  f"validation split ({json.dumps(chosen[variant])}).\nRun: gsgd run {path}")
+        atomic_write_text(path, config_to_toml(tuned_cfg, header))
+        configs.append(path)
+        lines += [f"Tuned config: {path}", ""]
+    report = sweep_dir / "sweep.md"
+    atomic_write_text(report, "\n".join(lines))
+    return SweepResult(chosen, report, configs)
