@@ -24,8 +24,12 @@ OptTensors = list[torch.Tensor | None]
 
 def edge_sums(weights: Tensors, grads: Tensors) -> Tensors:
     """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector)."""
-    return [torch.linalg.vecdot(w, g, dim=0).sum(-1)
-            for w, g in zip(weights, grads, strict=True)]
+    sums = []
+    for w, g in zip(weights, grads, strict=True):
+        out, h_in, taps = w.shape
+        col = torch.linalg.vecdot(w.reshape(out, h_in * taps), g.reshape(out, h_in * taps), dim=0)
+        sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
+    return sums
 
 
 def carrier_potentials(weights: Tensors, grads: Tensors, index: tuple[LayerIndex, ...],

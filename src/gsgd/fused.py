@@ -50,8 +50,12 @@ def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                  inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
                  lr: torch.Tensor, mu: torch.Tensor, damp: torch.Tensor, wd: torch.Tensor,
                  nesterov: bool, first: bool, has_wd: bool) -> None:
-    """Phase B for one ``(out, in, taps)`` layer, in place on ``w`` (and ``buf``)."""
-    inv_c = inv_beta[:, None, None] * inv_alpha[None, :, None]
+    """Phase B for one layer as an ``(out, in * taps)`` matrix, in place on ``w`` (and ``buf``).
+
+    ``inv_alpha`` and ``inv_rho`` are per column (tail units repeated over their taps),
+    ``inv_beta`` per row.
+    """
+    inv_c = inv_beta[:, None] * inv_alpha[None, :]
     d = g * inv_c
     if has_wd:
         d = d + wd * w / inv_c
@@ -61,7 +65,7 @@ def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
         new_buf = d if first else mu * buf + (1 - damp) * d
         s = d + mu * new_buf if nesterov else new_buf
         buf.copy_(new_buf)
-    w.copy_((w - lr * s * inv_c) * inv_rho[None, :, None])
+    w.copy_((w - lr * s * inv_c) * inv_rho[None, :])
 
 
 _COMPILED: dict[str, DenseFn] = {}
@@ -70,7 +74,7 @@ _COMPILED: dict[str, DenseFn] = {}
 def compiled_dense_update() -> DenseFn:
     """``dense_update`` fused by torch.compile (compiled lazily, once per process)."""
     if "dense" not in _COMPILED:
-        _COMPILED["dense"] = torch.compile(dense_update, dynamic=True, fullgraph=True)
+        _COMPILED["dense"] = torch.compile(dense_update, dynamic=None, fullgraph=True)
     return _COMPILED["dense"]
 
 
@@ -116,8 +120,11 @@ def fused_block_step(ws: list[torch.Tensor], gs: list[torch.Tensor],
             clipped = clipped + ((raw < lo) | (raw > hi) | raw.isnan()).sum()
             new_wc = wc * ratio / rho[ix.car_a]
             next_rho = next_rho.index_put((ix.car_b,), ratio)
-        dense(w, g, buf, 1 / alphas[l], 1 / betas[l + 1], 1 / rho, *scalars,
-              hp.nesterov, first, bool(wd))
+        taps = ix.taps
+        dense(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
+              None if buf is None else buf.view(ix.h_out, -1),
+              _per_tap(1 / alphas[l], taps), 1 / betas[l + 1], _per_tap(1 / rho, taps),
+              *scalars, hp.nesterov, first, bool(wd))
         # Phase C: frozen edges keep their weight and a zero buffer; carriers exact.
         wf[ix.kap_flat] = frozen_w
         if buf is not None:
@@ -131,6 +138,11 @@ def fused_block_step(ws: list[torch.Tensor], gs: list[torch.Tensor],
         if next_rho is not None:
             rho = next_rho
     return clipped
+
+
+def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
+    """A per-tail-unit vector expanded to the ``in * taps`` columns of the matrix view."""
+    return v if taps == 1 else v.repeat_interleave(taps)
 
 
 def _bias_update(b: torch.Tensor, gb: torch.Tensor, buf: torch.Tensor | None,
