@@ -1,6 +1,13 @@
-"""Optimizers: GSGD and the baselines it is compared with."""
+"""Optimizers: GSGD and the baselines it is compared with.
+
+Baselines: :class:`PathSGD`, :class:`ENorm` (a post-step for any optimizer) and :class:`ENormSGD`.
+Plain SGD and Adam are torch's own; SGD from the paper's skeleton initialisation
+(:func:`gsgd.group.skeleton_init`) is the fair control for G-SGD.
+"""
 
 from gsgd.optim.common import NonFiniteError
+from gsgd.optim.enorm import ENorm, ENormSGD
 from gsgd.optim.gsgd import GSGD
+from gsgd.optim.pathsgd import PathSGD
 
-__all__ = ["GSGD", "NonFiniteError"]
+__all__ = ["ENorm", "ENormSGD", "GSGD", "NonFiniteError", "PathSGD"]

@@ -1,0 +1,272 @@
+r"""Path-SGD (Neyshabur, Salakhutdinov, Srebro, NeurIPS 2015) on the G-blocks of a model.
+
+Path-SGD is the diagonal approximation of steepest descent with respect to the (squared) l2 path
+regulariser ``phi(w) = sum over paths p of v_p^2`` (gsgd-math.md section 9):
+
+.. code-block:: text
+
+    w_e <- w_e - lr * g_e / gamma_e
+    gamma_e = sum over paths p through e of prod_{e' in p, e' != e} w_e'^2 = A(tail e) * B(head e)
+
+    A(input) = A(bias node) = 1,   A(l+1, j) = sum_i sum_t W^l[j, i, t]^2 A(l, i) + b^l[j]^2
+    B(output) = 1,                 B(l, i)   = sum_j sum_t W^l[j, i, t]^2 B(l+1, j)
+
+A is a forward pass of the squared-weight network on an all-ones input, B a backward pass from
+the outputs; for a bias of node b, gamma = B(b). Each G-block found by :func:`gsgd.discover` is a
+network of its own here (A = 1 at its input units, B = 1 at its output units); convolutions are
+treated on the channel multigraph (the kh*kw taps of a channel pair are parallel edges), so for a
+conv block this is Path-SGD of that multigraph, not of the pixel-level graph with shared weights.
+Parameters outside every block get plain SGD (torch.optim.SGD's update) with the same
+hyper-parameters.
+
+Under a rescaling g in G a weight into unit u scales by c_u, its gradient by 1/c_u and gamma by
+1/c_u^2, so g/gamma transforms like the weight and the step commutes with g: a network and its
+rescaled copy stay rescaled copies of each other, step after step. Choices that keep this:
+
+* momentum (heavy ball, dampening, Nesterov as in torch.optim.SGD) acts on the scaled gradient
+  ``g / gamma`` (the buffer transforms like the weights);
+* ``weight_decay`` is the l2 *path* regulariser ``lambda/2 * phi(w)``: its gradient is
+  ``lambda * w_e * gamma_e``, so after the Path-SGD scaling it adds ``lambda * w_e`` to the
+  direction. (Weight-space L2 added to g before the scaling would break the invariance.)
+* an edge with gamma_e = 0 (every path through it has another zero edge) gets direction 0; in a
+  ReLU net its gradient is 0 too.
+
+The authors' public PyTorch code computes the scaling but never applies it (its parameter
+generator is consumed before use); this implementation applies it and is tested for invariance.
+
+Baselines without anything to build here: plain SGD and Adam are torch's own. SGD started from the
+paper's skeleton initialisation (:func:`gsgd.group.skeleton_init`) is the fair control for G-SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from gsgd.optim.common import (
+    check_hyper_parameters,
+    momentum_direction,
+    plain_sgd_update,
+    resolve_params,
+)
+from gsgd.structure import Block, Structure, StructureError, layer_view
+
+__all__ = [
+    "PathSGD",
+    "bind_blocks",
+    "path_norm_squared",
+    "path_potentials",
+    "path_scales",
+    "path_sgd_direction",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure maths on (out, in, taps) weight views
+# ------------------------------------------------------------------------------------------------
+
+def path_potentials(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A and B of every node layer 0..n of a chain of ``(out, in, taps)`` weights.
+
+    A(l) sums, over paths from the inputs and bias nodes to node layer l, the product of squared
+    weights (A = 1 at inputs and bias nodes); B(l) does the same over paths from l to the outputs.
+    """
+    squares = [w.square().sum(dim=-1) for w in weights]  # (out, in): parallel taps summed
+    a = [weights[0].new_ones(weights[0].shape[1])]
+    for s, b in zip(squares, biases, strict=True):
+        nxt = s @ a[-1]
+        a.append(nxt if b is None else nxt + b.square())
+    back = [weights[-1].new_ones(weights[-1].shape[0])]
+    for s in reversed(squares):
+        back.append(s.T @ back[-1])
+    return a, back[::-1]
+
+
+def path_scales(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """gamma for every weight, ``A(tail) * B(head)`` shaped ``(out, in, 1)``, and B(head) per bias.
+
+    The weight scales broadcast against the ``(out, in, taps)`` views (parallel taps share them).
+    """
+    a, b = path_potentials(weights, biases)
+    gw = [torch.outer(b[l + 1], a[l])[:, :, None] for l in range(len(weights))]
+    gb = [None if bias is None else b[l + 1] for l, bias in enumerate(biases)]
+    return gw, gb
+
+
+def path_norm_squared(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+                      ) -> torch.Tensor:
+    """phi(w) = sum over all paths of the squared path value = sum of A over the outputs."""
+    return path_potentials(weights, biases)[0][-1].sum()
+
+
+def _scaled(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return torch.where(gamma > 0, g / gamma, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                       grads: list[torch.Tensor], grad_biases: list[torch.Tensor | None],
+                       weight_decay: float = 0.0
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Path-SGD direction ``g / gamma + weight_decay * w`` (0 where gamma = 0), weights and biases.
+
+    ``weight_decay * w`` is ``grad(weight_decay / 2 * phi) / gamma``, the path regulariser's term.
+    """
+    gw, gb = path_scales(weights, biases)
+    dws = [_scaled(g, s) for g, s in zip(grads, gw, strict=True)]
+    dbs = [None if s is None else _scaled(g, s) for g, s in zip(grad_biases, gb, strict=True)]
+    if weight_decay:
+        for d, w in zip(dws, weights, strict=True):
+            d.add_(w, alpha=weight_decay)
+        for d, b in zip(dbs, biases, strict=True):
+            if d is not None:
+                d.add_(b, alpha=weight_decay)
+    return dws, dbs
+
+
+# ------------------------------------------------------------------------------------------------
+# Binding a Structure's blocks to an optimizer's parameters
+# ------------------------------------------------------------------------------------------------
+
+def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter],
+                param_groups: list[dict], one_group: bool = True
+                ) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
+    """Each block whose parameters the optimizer holds: (block, weights, biases, group index).
+
+    A block with none of its parameters in ``param_groups`` is left out; one with only some of
+    them raises ValueError, as does (with ``one_group``) a block split over param groups. The
+    group is returned by index: ``load_state_dict`` replaces the group dicts.
+    """
+    group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+    bound = []
+    for block in structure.blocks:
+        missing = [n for n in block.param_names if n not in named]
+        if missing:
+            raise StructureError(f"{owner}: block parameters {missing} are not in the model")
+        params = [named[n] for n in block.param_names]
+        present = [id(p) in group_of for p in params]
+        if not any(present):
+            continue
+        if not all(present):
+            absent = [n for n, ok in zip(block.param_names, present, strict=True) if not ok]
+            raise ValueError(
+                f"{owner}: parameters {absent} belong to a G-block with parameters given to the "
+                "optimizer; a G-block is updated as a whole, pass all of its parameters"
+            )
+        if one_group and len({group_of[id(p)] for p in params}) != 1:
+            raise ValueError(
+                f"{owner}: all parameters of a G-block must be in one param group "
+                f"(block {'-'.join(map(str, block.widths))}: {list(block.param_names)})"
+            )
+        weights = [named[layer.weight] for layer in block.layers]
+        biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
+        for layer, w in zip(block.layers, weights, strict=True):
+            layer_view(w.detach(), layer)  # validates shape and contiguity now
+        bound.append((block, weights, biases, group_of[id(params[0])]))
+    return bound
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer
+# ------------------------------------------------------------------------------------------------
+
+class PathSGD(torch.optim.Optimizer):
+    r"""Path-SGD (Neyshabur et al., 2015) on every G-block, plain SGD elsewhere.
+
+    .. code-block:: text
+
+        gamma = A(tail) * B(head)                       (squared-weight forward / backward pass)
+        d     = g / gamma + weight_decay * w            (weight decay = l2 path regulariser)
+        buf   = momentum * buf + (1 - dampening) * d    (heavy ball on the scaled gradient)
+        s     = d + momentum * buf if nesterov else buf
+        w    <- w - lr * s
+
+    Invariant under the rescaling group G, with or without momentum and weight decay (module
+    docstring). Cost per step O(m): two matrix-vector sweeps and elementwise work per block.
+
+    Args:
+        params: an ``nn.Module`` (its G-blocks are discovered), or parameters / param groups
+            together with ``model=`` (or ``structure=``).
+        lr, momentum, dampening, nesterov: as in ``torch.optim.SGD``.
+        weight_decay: lambda of the path regulariser lambda/2 * sum_p v_p^2 on G-block parameters;
+            ordinary L2 (torch.optim.SGD's) on the parameters left to plain SGD.
+        model, structure: where the G-blocks come from when ``params`` is not a module.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable,
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        model: nn.Module | None = None,
+        structure: Structure | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov)
+        check_hyper_parameters("PathSGD", defaults)
+        params, model, named = resolve_params("PathSGD", params, model)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_hyper_parameters("PathSGD", group)
+        if structure is None:
+            from gsgd.discovery import discover
+
+            structure = discover(model)
+        self.structure = structure
+        self._blocks = bind_blocks("PathSGD", structure, named, self.param_groups)
+        in_blocks = {id(p) for _, ws, bs, _ in self._blocks for p in ws + bs if p is not None}
+        self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
+        self._names = {id(p): n for n, p in named.items()}
+        self.plain_parameters: tuple[str, ...] = tuple(self._names.get(id(p), "?")
+                                                       for p in self._plain)
+
+    def summary(self) -> str:
+        """The G-structure this optimizer works on, and the parameters left to plain SGD."""
+        return self.structure.summary()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """One Path-SGD step on the G-blocks, plain SGD on the other parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for block, weights, biases, gi in self._blocks:
+            self._update_block(block, weights, biases, self.param_groups[gi])
+        plain_ids = {id(p) for p in self._plain}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
+            self._refuse_sparse(params)
+            plain_sgd_update(self, params, group)
+        return loss
+
+    def _refuse_sparse(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(f"PathSGD: sparse gradient for {self._names.get(id(p), '?')}")
+
+    def _update_block(self, block: Block, weights: list[nn.Parameter],
+                      biases: list[nn.Parameter | None], group: dict) -> None:
+        params = [p for p in weights + biases if p is not None]
+        if all(p.grad is None for p in params):
+            return
+        self._refuse_sparse(params)
+        ws = [layer_view(w, layer) for w, layer in zip(weights, block.layers, strict=True)]
+        gs = [torch.zeros_like(v) if w.grad is None else layer_view(w.grad, layer)
+              for w, v, layer in zip(weights, ws, block.layers, strict=True)]
+        gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None else b.grad)
+               for b in biases]
+        dws, dbs = path_sgd_direction(ws, biases, gs, gbs, group["weight_decay"])
+        for p, d in zip(weights + biases, dws + dbs, strict=True):
+            if p is None:
+                continue
+            s = momentum_direction(self.state[p], d.view(p.shape), group["momentum"],
+                                   group["dampening"], group["nesterov"])
+            p.add_(s, alpha=-group["lr"])
