@@ -28,76 +28,84 @@ from dataclasses import dataclass
 
 import torch
 
-from gsgd.basis import LayerIndex
-from gsgd.functional import carrier_potentials
-
-DenseFn = Callable[..., None]
+from gsgd.basis import LayerIndex, route_products
+from gsgd.functional import carrier_potentials, edge_sums
 
 
 @dataclass(frozen=True)
-class HyperParameters:
-    """One step's hyper-parameters (read from the param group at every step)."""
+class StepFlags:
+    """The structural choices of a step (static for a compiled graph)."""
 
-    lr: float
-    momentum: float
-    dampening: float
-    weight_decay: float
     nesterov: bool
-    max_ratio: float
+    first: bool
+    has_wd: bool
+
+
+def hyper_tensor(lr: float, momentum: float, dampening: float, weight_decay: float,
+                 max_ratio: float, like: torch.Tensor) -> torch.Tensor:
+    """The numeric hyper-parameters as one tensor, so a schedule never triggers a recompile."""
+    return torch.tensor([lr, momentum, dampening, weight_decay, max_ratio], dtype=like.dtype,
+                        device=like.device)
+
+
+def block_prepare(ws: list[torch.Tensor], gs: list[torch.Tensor],
+                  gbs: list[torch.Tensor | None], index: tuple[LayerIndex, ...]):
+    """Route products, edge sums, and ``ok``: all finite and no designated route is zero."""
+    alphas, betas = route_products(ws, index)
+    sums = edge_sums(ws, gs)
+    totals = torch.stack([s.sum() for s in sums] + [gb.sum() for gb in gbs if gb is not None])
+    routes = torch.cat(alphas + betas)
+    ok = torch.isfinite(totals).all() & torch.isfinite(routes).all() & (routes != 0).all()
+    return alphas, betas, sums, ok
 
 
 def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                  inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
-                 lr: torch.Tensor, mu: torch.Tensor, damp: torch.Tensor, wd: torch.Tensor,
-                 nesterov: bool, first: bool, has_wd: bool) -> None:
+                 hp: torch.Tensor, flags: StepFlags) -> None:
     """Phase B for one layer as an ``(out, in * taps)`` matrix, in place on ``w`` (and ``buf``).
 
     ``inv_alpha`` and ``inv_rho`` are per column (tail units repeated over their taps),
-    ``inv_beta`` per row.
+    ``inv_beta`` per row; ``hp`` = [lr, momentum, dampening, weight_decay, max_ratio].
     """
+    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
     inv_c = inv_beta[:, None] * inv_alpha[None, :]
     d = g * inv_c
-    if has_wd:
+    if flags.has_wd:
         d = d + wd * w / inv_c
     if buf is None:
         s = d
     else:
-        new_buf = d if first else mu * buf + (1 - damp) * d
-        s = d + mu * new_buf if nesterov else new_buf
+        new_buf = d if flags.first else mu * buf + (1 - damp) * d
+        s = d + mu * new_buf if flags.nesterov else new_buf
         buf.copy_(new_buf)
     w.copy_((w - lr * s * inv_c) * inv_rho[None, :])
 
 
-_COMPILED: dict[str, DenseFn] = {}
+def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: torch.Tensor, flags: StepFlags
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(step s, new buffer) of heavy-ball momentum for a small vector (torch.optim.SGD rules)."""
+    if old is None:
+        return d, None
+    mu, damp = hp[1], hp[2]
+    new = d if flags.first else mu * old + (1 - damp) * d
+    return (d + mu * new if flags.nesterov else new), new
 
 
-def compiled_dense_update() -> DenseFn:
-    """``dense_update`` fused by torch.compile (compiled lazily, once per process)."""
-    if "dense" not in _COMPILED:
-        _COMPILED["dense"] = torch.compile(dense_update, dynamic=None, fullgraph=True)
-    return _COMPILED["dense"]
-
-
-def fused_block_step(ws: list[torch.Tensor], gs: list[torch.Tensor],
-                     bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
-                     bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                     index: tuple[LayerIndex, ...], routes, sums: list[torch.Tensor],
-                     hp: HyperParameters, first: bool, dense: DenseFn = dense_update
-                     ) -> torch.Tensor:
+def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
+                 bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
+                 bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
+                 index: tuple[LayerIndex, ...], alphas: list[torch.Tensor],
+                 betas: list[torch.Tensor], sums: list[torch.Tensor], hp: torch.Tensor,
+                 flags: StepFlags) -> torch.Tensor:
     """One G-SGD step of a block, in place. Returns the number of clipped carrier ratios.
 
-    ``routes`` = (alphas, betas) and ``sums`` = edge sums, already computed (and checked finite
-    by the caller). ``bufs`` / ``bias_bufs`` are the G-space momentum buffers (None without
-    momentum); ``first`` says they hold no history yet.
+    ``alphas``, ``betas``, ``sums`` come from :func:`block_prepare` (checked by the caller).
+    ``bufs`` / ``bias_bufs`` are the G-space momentum buffers (None without momentum).
     """
-    alphas, betas = routes
     Z = carrier_potentials(ws, gs, index, sums)
-    mu, damp, wd, lr = hp.momentum, hp.dampening, hp.weight_decay, hp.lr
-    device, dtype = ws[0].device, ws[0].dtype
-    scalars = [torch.tensor(x, dtype=dtype, device=device) for x in (lr, mu, damp, wd)]
+    lr, wd, max_ratio = hp[0], hp[3], hp[4]
     rho = torch.ones_like(alphas[0])
-    clipped = torch.zeros((), dtype=torch.long, device=device)
-    lo, hi = 1.0 / hp.max_ratio, hp.max_ratio
+    clipped = torch.zeros((), dtype=torch.long, device=ws[0].device)
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         ix = index[l]
         wf, gf = w.view(-1), g.reshape(-1)
@@ -109,22 +117,20 @@ def fused_block_step(ws: list[torch.Tensor], gs: list[torch.Tensor],
             wc = wf[ix.car_flat]
             vc = alphas[l][ix.car_a] * wc * betas[l + 1][ix.car_b]
             dc = (wc * gf[ix.car_flat] - Z[l + 1][ix.car_b]) / vc
-            if wd:
+            if flags.has_wd:
                 dc = dc + wd * vc
-            sc, bufc = dc, None
-            if buf is not None:
-                bufc = dc if first else mu * buf.view(-1)[ix.car_flat] + (1 - damp) * dc
-                sc = dc + mu * bufc if hp.nesterov else bufc
+            sc, bufc = _momentum(dc, None if buf is None else buf.view(-1)[ix.car_flat], hp,
+                                 flags)
             raw = 1 - lr * sc / vc
-            ratio = raw.nan_to_num(nan=1.0).clamp(lo, hi)
-            clipped = clipped + ((raw < lo) | (raw > hi) | raw.isnan()).sum()
+            ratio = torch.minimum(torch.maximum(raw.nan_to_num(nan=1.0), 1 / max_ratio),
+                                  max_ratio)
+            clipped = clipped + (ratio != raw).sum()
             new_wc = wc * ratio / rho[ix.car_a]
             next_rho = next_rho.index_put((ix.car_b,), ratio)
-        taps = ix.taps
-        dense(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
-              None if buf is None else buf.view(ix.h_out, -1),
-              _per_tap(1 / alphas[l], taps), 1 / betas[l + 1], _per_tap(1 / rho, taps),
-              *scalars, hp.nesterov, first, bool(wd))
+        dense_update(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
+                     None if buf is None else buf.view(ix.h_out, -1),
+                     _per_tap(1 / alphas[l], ix.taps), 1 / betas[l + 1],
+                     _per_tap(1 / rho, ix.taps), hp, flags)
         # Phase C: frozen edges keep their weight and a zero buffer; carriers exact.
         wf[ix.kap_flat] = frozen_w
         if buf is not None:
@@ -134,7 +140,15 @@ def fused_block_step(ws: list[torch.Tensor], gs: list[torch.Tensor],
             if buf is not None:
                 buf.view(-1)[ix.car_flat] = bufc
         if bs[l] is not None:
-            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, first)
+            # bias of node b: an edge from a bias node (rho = 1), v = b * beta(b)
+            beta = betas[l + 1]
+            db = gbs[l] / beta
+            if flags.has_wd:
+                db = db + wd * bs[l] * beta
+            sb, new_bb = _momentum(db, bias_bufs[l], hp, flags)
+            if new_bb is not None:
+                bias_bufs[l].copy_(new_bb)
+            bs[l].sub_(lr * sb / beta)
         if next_rho is not None:
             rho = next_rho
     return clipped
@@ -145,17 +159,20 @@ def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
     return v if taps == 1 else v.repeat_interleave(taps)
 
 
-def _bias_update(b: torch.Tensor, gb: torch.Tensor, buf: torch.Tensor | None,
-                 beta: torch.Tensor, hp: HyperParameters, first: bool) -> None:
-    """Bias of node b (an edge from a bias node, rho = 1): v = b * beta(b), dL/dv = g / beta."""
-    d = gb / beta
-    if hp.weight_decay:
-        d = d + hp.weight_decay * b * beta
-    s = d
-    if buf is not None:
-        if first:
-            buf.copy_(d)
-        else:
-            buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
-        s = d + hp.momentum * buf if hp.nesterov else buf
-    b.sub_(hp.lr * s / beta)
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled(name: str) -> Callable:
+    """``block_prepare`` / ``block_update`` fused by torch.compile (lazily, once per process).
+
+    Each block shape and flag combination is one graph; the recompile limit is raised so deep
+    networks with many distinct blocks stay compiled.
+    """
+    if name not in _COMPILED:
+        import torch._dynamo
+
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 256)
+        fn = {"prepare": block_prepare, "update": block_update}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]

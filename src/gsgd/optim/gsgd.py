@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gsgd.basis import LayerIndex, block_index, route_products
-from gsgd.functional import edge_sums
-from gsgd.fused import HyperParameters, compiled_dense_update, dense_update, fused_block_step
+from gsgd.basis import LayerIndex, block_index
+from gsgd.fused import StepFlags, block_prepare, block_update, compiled, hyper_tensor
 from gsgd.optim.common import (
     NonFiniteError,
     check_hyper_parameters,
@@ -156,7 +155,7 @@ class GSGD(torch.optim.Optimizer):
                 loss = closure()
         plans = []
         for bp, group in zip(self._blocks, self._block_group, strict=True):
-            plan = self._prepare(bp)
+            plan = self._prepare(bp, group)
             if plan is not None:
                 plans.append((bp, group, plan))
         if not self._all_finite(plans):
@@ -172,8 +171,8 @@ class GSGD(torch.optim.Optimizer):
             plain_sgd_update(self, params, group)
         return loss
 
-    def _prepare(self, bp: _BlockParams):
-        """Views, gradients, route products and edge sums of a block (None: no gradient)."""
+    def _prepare(self, bp: _BlockParams, group: dict):
+        """Views, gradients, route products, edge sums and the finite flag (None: no grad)."""
         if all(p.grad is None for p in bp.weights):
             return None
         ws, gs, bs, gbs = [], [], [], []
@@ -187,23 +186,13 @@ class GSGD(torch.optim.Optimizer):
             gbs.append(None if b is None else
                        (b.grad if b.grad is not None else torch.zeros_like(b)))
         index = bp.index(ws[0].device)
-        routes = route_products(ws, index)
-        sums = edge_sums(ws, gs)
-        return ws, gs, bs, gbs, index, routes, sums
+        prepare = compiled("prepare") if group["compile"] else block_prepare
+        alphas, betas, sums, ok = prepare(ws, gs, gbs, index)
+        return ws, gs, bs, gbs, index, (alphas, betas), sums, ok
 
     def _all_finite(self, plans) -> bool:
         """One synchronisation: all edge sums finite, all route products finite and non-zero?"""
-        if not plans:
-            return True
-        sums, routes = [], []
-        for _, _, (_, _, _, gbs, _, (alphas, betas), edge) in plans:
-            sums.extend(s.sum().reshape(1) for s in edge)
-            sums.extend(gb.sum().reshape(1) for gb in gbs if gb is not None)
-            routes.extend(alphas + betas)
-        route_cat = torch.cat(routes)
-        ok = torch.isfinite(torch.cat(sums)).all() & torch.isfinite(route_cat).all() \
-            & (route_cat != 0).all()
-        if bool(ok):
+        if not plans or bool(torch.stack([plan[-1] for _, _, plan in plans]).all()):
             return True
         problem = self._find_problem(plans)
         if self.param_groups[0]["on_nonfinite"] == "skip":
@@ -215,7 +204,7 @@ class GSGD(torch.optim.Optimizer):
 
     def _find_problem(self, plans) -> str:
         """Name the first parameter with a non-finite value or a zero designated route."""
-        for bp, _, (ws, gs, bs, gbs, _, (alphas, betas), _) in plans:
+        for bp, _, (ws, gs, bs, gbs, _, (alphas, betas), _, _) in plans:
             for l, layer in enumerate(bp.block.layers):
                 if not torch.isfinite(ws[l]).all():
                     return f"non-finite weight in {layer.weight}"
@@ -236,20 +225,20 @@ class GSGD(torch.optim.Optimizer):
         return "non-finite value"
 
     def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
-        ws, gs, bs, gbs, index, routes, sums = plan
-        hp = HyperParameters(group["lr"], group["momentum"], group["dampening"],
-                             group["weight_decay"], group["nesterov"], group["max_ratio"])
-        first = False
+        ws, gs, bs, gbs, index, (alphas, betas), sums, _ = plan
         bufs: list[torch.Tensor | None] = [None] * len(ws)
         bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
-        if hp.momentum:
+        first = False
+        if group["momentum"]:
             first = "momentum_buffer" not in self.state[bp.weights[0]]
             for l, (w, b) in enumerate(zip(bp.weights, bp.biases, strict=True)):
                 bufs[l] = self._buffer(w, ws[l])
                 bias_bufs[l] = None if b is None else self._buffer(b, b)
-        dense = compiled_dense_update() if group["compile"] else dense_update
-        clipped = fused_block_step(ws, gs, bs, gbs, bufs, bias_bufs, index, routes, sums, hp,
-                                   first, dense)
+        hp = hyper_tensor(group["lr"], group["momentum"], group["dampening"],
+                          group["weight_decay"], group["max_ratio"], ws[0])
+        flags = StepFlags(bool(group["nesterov"]), first, bool(group["weight_decay"]))
+        update = compiled("update") if group["compile"] else block_update
+        clipped = update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp, flags)
         state = self.state[bp.weights[0]]
         state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
             clipped.cpu()
