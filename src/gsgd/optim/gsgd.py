@@ -106,8 +106,10 @@ class GSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ structure binding
     def _bind(self, structure: Structure, named: dict[str, nn.Parameter]
-              ) -> tuple[list[_BlockParams], list[dict]]:
+              ) -> tuple[list[_BlockParams], list[int]]:
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        # Group indices, not dicts: load_state_dict replaces the param_group dicts.
+        group_index = {id(g): i for i, g in enumerate(self.param_groups)}
         blocks, groups = [], []
         for block in structure.blocks:
             missing = [n for n in block.param_names if n not in named]
@@ -134,7 +136,7 @@ class GSGD(torch.optim.Optimizer):
             for layer, w in zip(block.layers, weights, strict=True):
                 layer_view(w.detach(), layer)  # validates shape and contiguity now
             blocks.append(_BlockParams(block, weights, biases, block_index(block), {}))
-            groups.append(group_of[id(params[0])])
+            groups.append(group_index[id(group_of[id(params[0])])])
         return blocks, groups
 
     def summary(self) -> str:
@@ -154,7 +156,8 @@ class GSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = []
-        for bp, group in zip(self._blocks, self._block_group, strict=True):
+        for bp, gi in zip(self._blocks, self._block_group, strict=True):
+            group = self.param_groups[gi]
             plan = self._prepare(bp, group)
             if plan is not None:
                 plans.append((bp, group, plan))
