@@ -25,8 +25,11 @@ deeper layers relatively larger. A unit with ||in_u|| = 0 or ||out_u|| = 0 is le
 Gradient-like companions transform inversely, so that they stay expressed in the new coordinates
 (a weight scaled by d has its gradient scaled by 1/d): ``p.grad`` and the optimizer's
 ``momentum_buffer`` / ``exp_avg`` / ``grad_avg`` take d^-1, second moments (``exp_avg_sq``,
-``max_exp_avg_sq``, ``square_avg``, ``sum``) take d^-2. An unknown tensor state raises, unless its
-power is given in ``state_powers``.
+``max_exp_avg_sq``, ``square_avg``, ``sum``) take d^-2. Exceptions by optimizer: PathSGD's buffer
+holds g / gamma, which scales like the weight (d^+1); GSGD's buffer holds dL/dv on basis paths,
+which G leaves unchanged (d^0). With those, ENorm after an invariant optimizer (GSGD, PathSGD)
+changes only the representation: the function trajectory is the same as without it. An unknown
+tensor state raises, unless its power is given in ``state_powers``.
 
 Differences from the authors' public code (facebookresearch/enorm), on purpose: biases are
 rescaled with their unit (the authors' code leaves them out, which changes the function), each
@@ -57,6 +60,7 @@ __all__ = [
     "balance_factors",
     "enorm_cost",
     "enorm_sweep_",
+    "optimizer_state_powers",
     "unit_norms",
 ]
 
@@ -70,6 +74,21 @@ STATE_POWERS: dict[str, int] = {
     "square_avg": -2,  # RMSprop, Adadelta
     "sum": -2,  # Adagrad
 }
+
+
+
+
+def optimizer_state_powers(optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """:data:`STATE_POWERS`, corrected for the project's invariant optimizers."""
+    from gsgd.optim.gsgd import GSGD
+    from gsgd.optim.pathsgd import PathSGD
+
+    powers = dict(STATE_POWERS)
+    if isinstance(optimizer, PathSGD):
+        powers["momentum_buffer"] = 1  # a buffer of g / gamma transforms like the weights
+    elif isinstance(optimizer, GSGD):
+        powers["momentum_buffer"] = 0  # dL/dv on basis paths is G-invariant
+    return powers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +152,7 @@ class ENorm:
         c: asymmetric scaling: the balanced state has ||out_u|| = c ||in_u||.
         iterations: sweeps per :meth:`step` (the paper uses one after every SGD step).
         state_powers: extra optimizer state keys and how they scale (``{"key": power}``: the
-            tensor scales like weight ** power); merged over :data:`STATE_POWERS`.
+            tensor scales like weight ** power); merged over :func:`optimizer_state_powers`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -153,7 +172,7 @@ class ENorm:
         self.optimizer = optimizer
         self.c = float(c)
         self.iterations = iterations
-        self.state_powers = {**STATE_POWERS, **(state_powers or {})}
+        self.state_powers = {**optimizer_state_powers(optimizer), **(state_powers or {})}
         named = dict(model.named_parameters())
         groups = optimizer.param_groups if optimizer is not None else \
             [{"params": list(named.values())}]
