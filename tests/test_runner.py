@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gsgd.data import Split
 from gsgd.experiments.config import RescaleSpec, config_from_dict, load_config
-from gsgd.experiments.datasets import load_experiment_data, synthetic_splits
+from gsgd.experiments.datasets import ExperimentData, load_experiment_data, synthetic_splits
 from gsgd.experiments.report import load_runs, paired_gaps, summarize, write_report
 from gsgd.experiments.runner import (
     RunInterrupted,
@@ -27,7 +28,7 @@ QUIET = RunOptions(log=None)
 TIME_KEYS = ("time", "eval_time")
 
 
-def digits_config(optimizers=None, epochs=2, seeds=(0,), checkpoint_every=10, **exp):
+def digits_config(optimizers=None, epochs=2, seeds=(0,), checkpoint_every=4, **exp):
     return config_from_dict({
         "experiment": {"name": "t", "dataset": "digits", "seeds": list(seeds), "epochs": epochs,
                        "batch_size": 32, "checkpoint_every": checkpoint_every,
@@ -40,9 +41,28 @@ def digits_config(optimizers=None, epochs=2, seeds=(0,), checkpoint_every=10, **
     })
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def digits():
-    return load_experiment_data(digits_config().experiment).splits
+def small():
+    """Real digits, cut to 320 train / 96 val / 96 test examples (10 batches of 32)."""
+    full = load_experiment_data(digits_config().experiment).splits
+    cut = replace(full, train=Split(full.train.x[:320], full.train.y[:320]),
+                  val=Split(full.val.x[:96], full.val.y[:96]),
+                  test=Split(full.test.x[:96], full.test.y[:96]))
+    return ExperimentData(cut)
+
+
+@pytest.fixture(scope="module")
+def digits(small):
+    return small.splits
 
 
 def without_time(history):
@@ -62,7 +82,7 @@ def final_weights(config, spec, seed, run_dir, data):
 
 
 @pytest.mark.parametrize("label", ["G-SGD", "SGD"])
-@pytest.mark.parametrize("stop_after", [12, 57])  # inside epoch 1 / inside epoch 2
+@pytest.mark.parametrize("stop_after", [6, 17])  # inside epoch 1 / inside epoch 2
 def test_killed_then_resumed_run_ends_bit_identical_to_uninterrupted(tmp_path, digits, label,
                                                                      stop_after):
     config = digits_config()
@@ -129,7 +149,7 @@ def test_metrics_have_one_line_per_epoch_with_all_fields(tmp_path, digits):
     config = digits_config(epochs=2)
     spec = config.optimizer("G-SGD")
     with pytest.raises(RunInterrupted):
-        train_run(config, spec, 0, tmp_path, digits, replace(QUIET, stop_after_batches=50))
+        train_run(config, spec, 0, tmp_path, digits, replace(QUIET, stop_after_batches=15))
     train_run(config, spec, 0, tmp_path, digits, QUIET)
     lines = read_metrics(tmp_path)
     assert [x["epoch"] for x in lines] == [1, 2]
@@ -150,13 +170,13 @@ def test_rerun_with_a_different_spec_is_refused(tmp_path, digits):
     assert out["status"] == "finished"
 
 
-def test_diverged_run_is_recorded_and_the_comparison_goes_on(tmp_path):
+def test_diverged_run_is_recorded_and_the_comparison_goes_on(tmp_path, small):
     config = digits_config(
         optimizers=[{"name": "sgd", "lr": 1e12, "label": "SGD-huge"},
                     {"name": "gsgd", "lr": 1e12, "label": "GSGD-huge"},
                     {"name": "sgd", "lr": 0.05}],
         epochs=2, seeds=(0, 1))
-    (exp_dir,) = run_experiment(config, tmp_path, QUIET)
+    (exp_dir,) = run_experiment(config, tmp_path, QUIET, data=small)
     finals = {(r.label, r.seed): json.loads((run_dir_for(exp_dir, r.label, r.seed)
                                              / "final.json").read_text())
               for r in load_runs(exp_dir)}
@@ -193,9 +213,9 @@ def test_rescaled_init_preserves_function_but_changes_weights(digits):
     torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
 
 
-def test_report_has_mean_std_table_gap_and_png(tmp_path):
+def test_report_has_mean_std_table_gap_and_png(tmp_path, small):
     config = digits_config(epochs=2, seeds=(0, 1), checkpoint_every=0)
-    (exp_dir,) = run_experiment(config, tmp_path, QUIET)
+    (exp_dir,) = run_experiment(config, tmp_path, QUIET, data=small)
     text = (exp_dir / "report.md").read_text()
     assert "| G-SGD |" in text and "| SGD |" in text and "±" in text
     assert "G-SGD − SGD" in text
@@ -210,13 +230,13 @@ def test_report_has_mean_std_table_gap_and_png(tmp_path):
     assert write_report(exp_dir).read_text() == text
 
 
-def test_width_variants_get_one_directory_each_and_a_summary(tmp_path):
+def test_width_variants_get_one_directory_each_and_a_summary(tmp_path, small):
     config = config_from_dict({
         "experiment": {"name": "w", "dataset": "digits", "epochs": 1, "batch_size": 64},
         "model": {"widths": [[64, 8, 8, 10], [64, 16, 16, 10]], "bias": False},
         "optimizers": [{"name": "gsgd", "lr": 0.05}, {"name": "sgd", "lr": 0.05}],
     })
-    dirs = run_experiment(config, tmp_path, QUIET)
+    dirs = run_experiment(config, tmp_path, QUIET, data=small)
     assert [d.name for d in dirs] == ["64-8-8-10", "64-16-16-10"]
     summary = (tmp_path / "w" / "report.md").read_text()
     assert "64-8-8-10" in summary and "64-16-16-10" in summary and "G-SGD − SGD" in summary
@@ -229,10 +249,10 @@ def test_choose_lr_picks_best_validation_accuracy_and_penalises_divergence():
     assert choose_lr({0.1: [(0.9, 0.5)], 0.3: [(0.9, 0.2)]}) == 0.3  # tie: lower loss
 
 
-def test_sweep_selects_on_validation_and_never_evaluates_test(tmp_path):
+def test_sweep_selects_on_validation_and_never_evaluates_test(tmp_path, small):
     config = digits_config(optimizers=[{"name": "sgd", "lr": 0.1, "sweep": [1e-5, 0.1]}],
                            epochs=1)
-    result = run_sweep(config, tmp_path, QUIET)
+    result = run_sweep(config, tmp_path, QUIET, data=small)
     assert result.chosen == {"": {"SGD": 0.1}}
     for metrics in (tmp_path / "t-sweep").glob("*/seed*/metrics.jsonl"):
         for line in metrics.read_text().splitlines():

@@ -397,20 +397,22 @@ def _write_experiment_json(exp_dir: Path, config: Config, variant: str,
 
 
 def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = None,
-                   report: bool = True) -> list[Path]:
+                   report: bool = True, data: ExperimentData | None = None) -> list[Path]:
     """Run every (variant, optimizer, seed) of ``config`` under ``out_dir/<name>``.
 
     Returns the experiment directories (one per model variant). Writes ``report.md`` and
     ``curves.png`` into each (and a per-variant summary into ``out_dir/<name>`` when there are
-    several variants) unless ``report`` is False.
+    several variants) unless ``report`` is False. ``data``: train on these splits instead of
+    loading ``[experiment] dataset``.
     """
     from gsgd.experiments.report import write_group_report, write_report
 
     options = options or RunOptions()
     log = options.log or (lambda _msg: None)
     dirs = []
-    data = load_experiment_data(config.experiment, synthetic=options.synthetic,
-                                fallback_to_synthetic=options.fallback_to_synthetic)
+    if data is None:
+        data = load_experiment_data(config.experiment, synthetic=options.synthetic,
+                                    fallback_to_synthetic=options.fallback_to_synthetic)
     if data.synthetic:
         log(f"NOTE: {data.note}")
     for variant, cfg, exp_dir in experiment_dirs(config, out_dir):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_toml
-from gsgd.experiments.datasets import load_experiment_data
+from gsgd.experiments.datasets import ExperimentData, load_experiment_data
 from gsgd.experiments.runner import (
     RunOptions,
     atomic_write_text,
@@ -53,15 +53,18 @@ def choose_lr(scores: dict[float, list[tuple[float, float]]]) -> float:
     return max(sorted(scores), key=key)
 
 
-def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None) -> SweepResult:
-    """Run the lr sweep of ``config`` under ``out_dir/<name>-sweep`` and choose each lr."""
+def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
+              data: ExperimentData | None = None) -> SweepResult:
+    """Run the lr sweep of ``config`` under ``out_dir/<name>-sweep`` and choose each lr
+    (``data``: these splits instead of loading ``[experiment] dataset``)."""
     options = replace(options or RunOptions(), evaluate_test=False)
     swept = [s for s in config.optimizers if s.sweep]
     if not swept:
         raise ValueError(f"{config.experiment.name}: no optimizer has sweep = [lrs...]; add "
                          "e.g. sweep = [0.01, 0.03, 0.1] to an [[optimizers]] table")
-    data = load_experiment_data(config.experiment, synthetic=options.synthetic,
-                                fallback_to_synthetic=options.fallback_to_synthetic)
+    if data is None:
+        data = load_experiment_data(config.experiment, synthetic=options.synthetic,
+                                    fallback_to_synthetic=options.fallback_to_synthetic)
     name = f"{config.experiment.name}-sweep"
     base = replace(config, experiment=replace(config.experiment, name=name))
     sweep_dir = Path(out_dir) / name
