@@ -12,11 +12,12 @@ from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import StepFlags, block_prepare, block_update, compiled, hyper_tensor
 from gsgd.optim.common import (
     NonFiniteError,
+    bind_blocks,
     check_hyper_parameters,
     plain_sgd_update,
     resolve_params,
 )
-from gsgd.structure import Block, Structure, StructureError, layer_view
+from gsgd.structure import Block, Structure, layer_view
 
 
 @dataclass
@@ -107,37 +108,10 @@ class GSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ structure binding
     def _bind(self, structure: Structure, named: dict[str, nn.Parameter]
               ) -> tuple[list[_BlockParams], list[int]]:
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        # Group indices, not dicts: load_state_dict replaces the param_group dicts.
-        group_index = {id(g): i for i, g in enumerate(self.param_groups)}
-        blocks, groups = [], []
-        for block in structure.blocks:
-            missing = [n for n in block.param_names if n not in named]
-            if missing:
-                raise StructureError(f"GSGD: block parameters {missing} are not in the model")
-            params = [named[n] for n in block.param_names]
-            present = [id(p) in group_of for p in params]
-            if not any(present):
-                continue  # the user left this block out of the optimizer
-            if not all(present):
-                absent = [n for n, ok in zip(block.param_names, present, strict=True) if not ok]
-                raise ValueError(
-                    f"GSGD: parameters {absent} belong to a G-block with parameters given to the "
-                    "optimizer; a G-block is updated as a whole, pass all of its parameters"
-                )
-            gids = {id(group_of[id(p)]) for p in params}
-            if len(gids) != 1:
-                raise ValueError(
-                    "GSGD: all parameters of a G-block must be in one param group "
-                    f"(block {'-'.join(map(str, block.widths))}: {list(block.param_names)})"
-                )
-            weights = [named[layer.weight] for layer in block.layers]
-            biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
-            for layer, w in zip(block.layers, weights, strict=True):
-                layer_view(w.detach(), layer)  # validates shape and contiguity now
-            blocks.append(_BlockParams(block, weights, biases, block_index(block), {}))
-            groups.append(group_index[id(group_of[id(params[0])])])
-        return blocks, groups
+        bound = bind_blocks("GSGD", structure, named, self.param_groups)
+        blocks = [_BlockParams(block, weights, biases, block_index(block), {})
+                  for block, weights, biases, _ in bound]
+        return blocks, [gi for *_, gi in bound]
 
     def summary(self) -> str:
         """The G-structure this optimizer works on, and the parameters left to plain SGD."""

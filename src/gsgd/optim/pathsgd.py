@@ -46,16 +46,16 @@ import torch
 from torch import nn
 
 from gsgd.optim.common import (
+    bind_blocks,
     check_hyper_parameters,
     momentum_direction,
     plain_sgd_update,
     resolve_params,
 )
-from gsgd.structure import Block, Structure, StructureError, layer_view
+from gsgd.structure import Block, Structure, layer_view
 
 __all__ = [
     "PathSGD",
-    "bind_blocks",
     "path_norm_squared",
     "path_potentials",
     "path_scales",
@@ -130,44 +130,6 @@ def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | 
 # ------------------------------------------------------------------------------------------------
 # Binding a Structure's blocks to an optimizer's parameters
 # ------------------------------------------------------------------------------------------------
-
-def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter],
-                param_groups: list[dict], one_group: bool = True
-                ) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
-    """Each block whose parameters the optimizer holds: (block, weights, biases, group index).
-
-    A block with none of its parameters in ``param_groups`` is left out; one with only some of
-    them raises ValueError, as does (with ``one_group``) a block split over param groups. The
-    group is returned by index: ``load_state_dict`` replaces the group dicts.
-    """
-    group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
-    bound = []
-    for block in structure.blocks:
-        missing = [n for n in block.param_names if n not in named]
-        if missing:
-            raise StructureError(f"{owner}: block parameters {missing} are not in the model")
-        params = [named[n] for n in block.param_names]
-        present = [id(p) in group_of for p in params]
-        if not any(present):
-            continue
-        if not all(present):
-            absent = [n for n, ok in zip(block.param_names, present, strict=True) if not ok]
-            raise ValueError(
-                f"{owner}: parameters {absent} belong to a G-block with parameters given to the "
-                "optimizer; a G-block is updated as a whole, pass all of its parameters"
-            )
-        if one_group and len({group_of[id(p)] for p in params}) != 1:
-            raise ValueError(
-                f"{owner}: all parameters of a G-block must be in one param group "
-                f"(block {'-'.join(map(str, block.widths))}: {list(block.param_names)})"
-            )
-        weights = [named[layer.weight] for layer in block.layers]
-        biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
-        for layer, w in zip(block.layers, weights, strict=True):
-            layer_view(w.detach(), layer)  # validates shape and contiguity now
-        bound.append((block, weights, biases, group_of[id(params[0])]))
-    return bound
-
 
 # ------------------------------------------------------------------------------------------------
 # The optimizer
