@@ -26,8 +26,14 @@ class Layer:
     """One layer of a G-block, its weight viewed as ``(out_units, in_units, taps)``.
 
     ``centre`` is the designated tap (the centre tap of a conv kernel, 0 otherwise).
-    ``kind`` is ``"linear"``, ``"conv"`` or ``"flatten-linear"`` (a Linear reading a flattened
-    conv output: in-unit c owns the ``taps`` = HW consecutive input features of channel c).
+    ``kind`` is ``"linear"``, ``"conv"``, ``"flatten-linear"`` (a Linear reading a flattened
+    conv output: in-unit c owns the ``taps`` = HW consecutive input features of channel c) or
+    ``"bn-affine"`` (a batch norm's affine pair: ``out_units`` = C channels, ``in_units`` = 1
+    virtual input, ``taps`` = 1; gamma (C,) is viewed as (C, 1, 1), beta is the bias; exact,
+    since each channel has exactly one incoming edge gamma_c, as in the real graph).
+    ``approx_bn``: the layer's outputs are batch-normalised and the layer takes part under
+    ``batchnorm="approximate"``: its G-space direction is scaled per output row by the row's
+    weight norm (the paper's heuristic; NOT invariant).
     """
 
     module: str
@@ -38,6 +44,7 @@ class Layer:
     taps: int = 1
     centre: int = 0
     kind: str = "linear"
+    approx_bn: bool = False
 
     @property
     def num_weights(self) -> int:
@@ -104,6 +111,11 @@ class Structure:
         return sum(b.num_weights for b in self.blocks)
 
     @property
+    def approximate(self) -> bool:
+        """True if any layer uses the approximate batch-norm heuristic (not invariant)."""
+        return any(layer.approx_bn for b in self.blocks for layer in b.layers)
+
+    @property
     def num_hidden(self) -> int:
         return sum(b.num_hidden for b in self.blocks)
 
@@ -113,6 +125,9 @@ class Structure:
             f"G-structure: {len(self.blocks)} block(s), m = {self.num_weights}, "
             f"H = {self.num_hidden}, basis paths m - H = {self.num_weights - self.num_hidden}"
         ]
+        if self.approximate:
+            lines.append("  APPROXIMATE: batch norm heuristic (batchnorm='approximate'); "
+                         "G-SGD is not invariant under G for the marked layers")
         for i, block in enumerate(self.blocks):
             widths = "-".join(str(w) for w in block.widths)
             lines.append(
@@ -124,7 +139,8 @@ class Structure:
                     f"x{layer.taps}" if layer.taps > 1 else ""
                 )
                 bias = " +bias" if layer.bias else ""
-                lines.append(f"    {layer.module:<24} {layer.kind:<15} {shape}{bias}")
+                approx = "  approximate (BN heuristic)" if layer.approx_bn else ""
+                lines.append(f"    {layer.module:<24} {layer.kind:<15} {shape}{bias}{approx}")
         if self.plain:
             lines.append("  plain SGD: " + ", ".join(self.plain))
         else:
@@ -138,7 +154,10 @@ class Structure:
 
 
 def layer_view(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
-    """View a layer's weight as ``(out, in, taps)`` (shares storage; no copy)."""
+    """View a layer's weight as ``(out, in, taps)`` (shares storage; no copy).
+
+    A ``"bn-affine"`` layer's gamma (C,) becomes (C, 1, 1).
+    """
     shape = (layer.out_units, layer.in_units, layer.taps)
     if weight.numel() != layer.out_units * layer.in_units * layer.taps:
         raise StructureError(
@@ -155,8 +174,17 @@ def layer_view(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
 
 def layer_from_module(name: str, module: nn.Module, kind: str | None = None,
                       in_units: int | None = None) -> Layer:
-    """Describe a Linear or Conv2d module as a :class:`Layer` (parameters ``name.weight``...)."""
+    """Describe a Linear, Conv2d or batch norm module as a :class:`Layer` (``name.weight``...).
+
+    A batch norm stands for its affine pair (kind ``"bn-affine"``, see :class:`Layer`).
+    """
     prefix = f"{name}." if name else ""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not module.affine or module.weight is None or module.bias is None:
+            raise StructureError(f"{name}: batch norm without affine parameters has no "
+                                 "scalable incoming edge; it cannot be a G-block layer")
+        return Layer(name, f"{prefix}weight", f"{prefix}bias", module.num_features, 1, 1, 0,
+                     kind or "bn-affine")
     bias = f"{prefix}bias" if getattr(module, "bias", None) is not None else None
     if isinstance(module, nn.Linear):
         if in_units is not None and in_units != module.in_features:
@@ -180,5 +208,6 @@ def layer_from_module(name: str, module: nn.Module, kind: str | None = None,
         return Layer(name, f"{prefix}weight", bias, module.out_channels, module.in_channels,
                      kh * kw, (kh // 2) * kw + kw // 2, kind or "conv")
     raise StructureError(
-        f"{name}: {type(module).__name__} is not a supported layer (Linear or Conv2d)"
+        f"{name}: {type(module).__name__} is not a supported layer "
+        "(Linear, Conv2d or batch norm)"
     )
