@@ -1,5 +1,6 @@
 """Models of the paper's experiments, deterministic from a seed."""
 
+from gsgd.models.cnn import BasicBlock, PlainNet, ResNet, plainnet, resnet
 from gsgd.models.mlp import MLP, mlp
 
-__all__ = ["MLP", "mlp"]
+__all__ = ["MLP", "BasicBlock", "PlainNet", "ResNet", "mlp", "plainnet", "resnet"]
