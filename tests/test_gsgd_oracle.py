@@ -170,12 +170,13 @@ def test_optimizer_step_equals_bruteforce_oracle_step(case):
 
 def conv_chain() -> nn.Sequential:
     """conv 3x3 -> ReLU -> max-pool -> conv 1x3 -> LeakyReLU -> flatten -> Linear (taps 9, 3, 4)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(3, 2, (1, 3), padding=(0, 1)), nn.LeakyReLU(0.1), nn.Flatten(),
-        nn.Linear(2 * 2 * 2, 3),
-    ).to(F64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 2, (1, 3), padding=(0, 1)), nn.LeakyReLU(0.1), nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 3),
+        ).to(F64)
 
 
 def test_optimizer_step_on_conv_pool_flatten_chain_equals_oracle():
