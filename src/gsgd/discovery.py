@@ -134,7 +134,7 @@ def _spatial_reduction(node: fx.Node) -> tuple[bool, bool]:
     keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
     if node.target == "squeeze":
         keepdim = False
-    return True, not keepdim and len(set(dims)) == 2
+    return True, not keepdim and (len(set(dims)) == 2 or node.target == "squeeze")
 
 
 def _classify(node: fx.Node, root: nn.Module) -> tuple[str, nn.Module | None, bool]:
