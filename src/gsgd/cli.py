@@ -42,7 +42,7 @@ def demo_config(epochs: int = DEMO_EPOCHS, seeds: Sequence[int] = DEMO_SEEDS) ->
     return config_from_dict({
         "experiment": {
             "name": "demo", "dataset": "mnist", "seeds": list(seeds), "epochs": epochs,
-            "batch_size": 64, "val_size": 5000,
+            "batch_size": 64, "val_size": 5000, "threads": 1,
             "description": "G-SGD vs SGD, MNIST MLP 784-64-64-64-64-10 without biases, batch 64,"
                            " lr 0.1*exp(-0.01*epoch), both from the skeleton init "
                            f"(the paper's 300-epoch setting shortened to {epochs} epochs).",
@@ -81,6 +81,7 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> N
     p.add_argument("--seeds", type=_int_list, help="override [experiment] seeds, e.g. 0,1,2")
     p.add_argument("--epochs", type=int, help="override [experiment] epochs")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the device")
+    p.add_argument("--threads", type=int, help="torch threads (overrides [experiment] threads)")
     p.add_argument("--data", choices=("real", "synthetic"), default="real",
                    help="'synthetic': random data of the dataset's shape (clearly labelled)")
     p.add_argument("--dry-run", action="store_true",
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=list(DEMO_SEEDS))
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="3 batches of one seed (a smoke test)")
     return parser
 
 
@@ -177,6 +179,10 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
         exp = replace(exp, epochs=args.epochs)
     if getattr(args, "device", None):
         exp = replace(exp, device=args.device)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 0:
+            raise ConfigError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+        exp = replace(exp, threads=args.threads)
     config = replace(config, experiment=exp)
     if getattr(args, "dry_run", False):
         from gsgd.experiments.runner import dry_run_config
@@ -327,14 +333,16 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gsgd.experiments.runner import RunOptions, run_experiment
+    from gsgd.experiments.runner import dry_run_config, run_experiment
 
     config = demo_config(args.epochs, args.seeds)
+    if args.dry_run:
+        config = dry_run_config(config)
+    out = _out_dir(args, config)
     print(f"gsgd demo: {config.experiment.description}\nSeeds {list(config.experiment.seeds)};"
-          f" results in {Path(args.out) / 'demo'} (rerun resumes / skips finished runs).")
-    options = RunOptions(resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
-    dirs = run_experiment(config, Path(args.out), options)
-    _print_reports(dirs, Path(args.out), "demo")
+          f" results in {out / 'demo'} (rerun resumes / skips finished runs).")
+    dirs = run_experiment(config, out, _options(args))
+    _print_reports(dirs, out, "demo")
     return 0
 
 

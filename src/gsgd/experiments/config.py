@@ -4,7 +4,7 @@ A config file has four parts (every key optional unless marked)::
 
     [experiment]   name (required), dataset (required), description, data_root, seeds, epochs,
                    batch_size, val_size, split_seed, eval_every, train_eval_size,
-                   eval_batch_size, checkpoint_every, device, dtype
+                   eval_batch_size, checkpoint_every, device, dtype, threads
     [model]        kind ("mlp" | "plainnet" | "resnet"), widths (a list, or a list of lists for
                    several model variants), bias, depth, width, batchnorm, bn_mode
     [init]         skeleton, keep_sign, rescale = {base, low, high}
@@ -99,6 +99,7 @@ class ExperimentSection:
     checkpoint_every: int = 500
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0  # torch threads while training (0: leave torch's default)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ _EXPERIMENT_KEYS: dict[str, Check] = {
     "checkpoint_every": _int_at_least(0),
     "device": _choice(DEVICES),
     "dtype": _choice(DTYPES),
+    "threads": _int_at_least(0),
 }
 _MODEL_KEYS: dict[str, Check] = {
     "kind": _choice(MODEL_KINDS),

@@ -26,7 +26,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "experiment_dirs",
     "prepare_model",
     "resolve_device",
+    "torch_threads",
     "run_dir_for",
     "run_experiment",
     "train_run",
@@ -121,6 +123,19 @@ def resolve_device(name: str, allow_cpu_fallback: bool = False) -> torch.device:
     return torch.device(name)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` torch threads inside the block (0: leave the setting alone)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
 def run_dir_for(exp_dir: Path, label: str, seed: int) -> Path:
     """``<exp_dir>/<label>/seed<k>``."""
     return Path(exp_dir) / label / f"seed{seed}"
@@ -168,7 +183,7 @@ def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
     cfg = config_to_dict(config)
     exp = {k: v for k, v in cfg["experiment"].items()
            if k not in ("name", "description", "seeds", "epochs", "eval_every",
-                        "checkpoint_every", "device")}
+                        "checkpoint_every", "device", "threads")}
     return {
         "experiment": exp, "model": cfg["model"], "init": cfg["init"],
         "optimizer": {k: list(v) if isinstance(v, tuple) else v
@@ -418,10 +433,11 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
     for variant, cfg, exp_dir in experiment_dirs(config, out_dir):
         exp_dir.mkdir(parents=True, exist_ok=True)
         _write_experiment_json(exp_dir, cfg, variant, data)
-        for spec in cfg.optimizers:
-            for seed in cfg.experiment.seeds:
-                train_run(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed), data.splits,
-                          options)
+        with torch_threads(cfg.experiment.threads):
+            for spec in cfg.optimizers:
+                for seed in cfg.experiment.seeds:
+                    train_run(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed),
+                              data.splits, options)
         if report:
             write_report(exp_dir)
         dirs.append(exp_dir)

@@ -22,6 +22,7 @@ from gsgd.experiments.runner import (
     atomic_write_text,
     experiment_dirs,
     run_dir_for,
+    torch_threads,
     train_run,
 )
 
@@ -90,9 +91,10 @@ def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
                 run_spec = replace(spec, lr=lr, label=sweep_label(spec, lr), sweep=())
                 scores[lr] = []
                 for seed in cfg.experiment.seeds:
-                    final = train_run(cfg, run_spec, seed,
-                                      run_dir_for(exp_dir, run_spec.label, seed),
-                                      data.splits, options)
+                    with torch_threads(cfg.experiment.threads):
+                        final = train_run(cfg, run_spec, seed,
+                                          run_dir_for(exp_dir, run_spec.label, seed),
+                                          data.splits, options)
                     last = final["final"] or {}
                     acc = last.get("val_acc") if final["status"] == "finished" else None
                     loss = last.get("train_loss") if acc is not None else None
