@@ -85,13 +85,36 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> N
     p.add_argument("--data", choices=("real", "synthetic"), default="real",
                    help="'synthetic': random data of the dataset's shape (clearly labelled)")
     p.add_argument("--dry-run", action="store_true",
-                   help="1 epoch, 3 batches, first seed, small eval subsets, into "
+                   help="1 epoch, 3 batches of <= 8, first seed, 32 examples per evaluation, into "
                         "<out>/dry-run/ (synthetic data if the dataset is not available)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue interrupted runs and skip finished ones (default); "
                         "--no-resume starts them over")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (the one-line-per-epoch log stays)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--widths", type=_int_list,
+                   help="MLP: units per layer, input first (default: input,64,64,64,64,classes)"
+                        "; CNN: channels per stage (default: by depth)")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--depth", type=int, default=20, help="CNN depth: 6n+2 or 34")
+    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--bn-mode", choices=("exact", "approximate"), default="exact")
+
+
+def _model_table(args: argparse.Namespace) -> dict:
+    """The [model] table of the ad-hoc commands (compare, summary)."""
+    table: dict = {"kind": args.model, "bias": args.bias}
+    if args.model == "mlp":
+        (c, h, w), classes = DATASET_SHAPES[args.dataset]
+        table["widths"] = args.widths or [c * h * w, 64, 64, 64, 64, classes]
+    else:
+        table.update(depth=args.depth, batchnorm=args.batchnorm, bn_mode=args.bn_mode)
+        if args.widths:
+            table["widths"] = args.widths
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
     p.add_argument("--data-root", default="")
     p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
-    p.add_argument("--widths", type=_int_list, default=[784, 64, 64, 64, 64, 10])
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=int, default=16, help="CNN base channels")
-    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
+    _add_model_options(p)
     p.add_argument("--optimizers", type=_str_list, default=["gsgd", "sgd"],
                    help=f"comma-separated, from {', '.join(OPTIMIZER_NAMES)}")
     p.add_argument("--lr", type=_float_list, default=[0.1],
@@ -139,11 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, nargs="?", help="a TOML config (or use --widths)")
     p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
     p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
-    p.add_argument("--widths", type=_int_list, default=[784, 64, 64, 64, 64, 10])
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
+    _add_model_options(p)
 
     p = sub.add_parser("demo", help="the README's comparison: G-SGD vs SGD on MNIST")
     p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
@@ -256,11 +271,7 @@ def _compare_config(args: argparse.Namespace) -> Config:
         if name == "adam":
             entry.pop("momentum")
         opts.append(entry)
-    model: dict = {"kind": args.model}
-    if args.model == "mlp":
-        model.update(widths=args.widths, bias=args.bias)
-    else:
-        model.update(depth=args.depth, width=args.width, batchnorm=args.batchnorm)
+    model = _model_table(args)
     return config_from_dict({
         "experiment": {"name": args.name or f"compare-{args.dataset}-{args.model}",
                        "dataset": args.dataset, "data_root": args.data_root,
@@ -314,14 +325,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         variants = [(v, c.model, c.experiment.dataset) for v, c in config.variants()]
     else:
-        model_table: dict = {"kind": args.model}
-        if args.model == "mlp":
-            model_table.update(widths=args.widths, bias=args.bias)
-        else:
-            model_table.update(depth=args.depth, width=args.width, batchnorm=args.batchnorm)
         config = config_from_dict({"experiment": {"name": "summary", "dataset": args.dataset},
-                                   "model": model_table, "optimizers": [{"name": "gsgd",
-                                                                         "lr": 0.1}]})
+                                   "model": _model_table(args),
+                                   "optimizers": [{"name": "gsgd", "lr": 0.1}]})
         variants = [("", config.model, args.dataset)]
     for variant, model_cfg, dataset in variants:
         shape, classes = DATASET_SHAPES[dataset]

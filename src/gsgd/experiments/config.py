@@ -5,12 +5,13 @@ A config file has four parts (every key optional unless marked)::
     [experiment]   name (required), dataset (required), description, data_root, seeds, epochs,
                    batch_size, val_size, split_seed, eval_every, train_eval_size,
                    eval_batch_size, checkpoint_every, device, dtype, threads
-    [model]        kind ("mlp" | "plainnet" | "resnet"), widths (a list, or a list of lists for
-                   several model variants), bias, depth, width, batchnorm, bn_mode
+    [model]        kind ("mlp" | "plainnet" | "resnet"), widths (MLP: units per layer, input
+                   first, classes last; CNN: channels per stage; a list of lists gives several
+                   model variants), bias, depth, batchnorm, bn_mode, cut, shortcut
     [init]         skeleton, keep_sign, rescale = {base, low, high}
     [[optimizers]] name (required), lr (required), label, momentum, weight_decay, nesterov,
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
-                   and per optimizer: max_ratio (gsgd), betas / eps (adam), c (enorm)
+                   and per optimizer: max_ratio, compile (gsgd), betas / eps (adam), c (enorm)
 
 Unknown keys and bad values raise :class:`ConfigError` naming the section, the key and what is
 allowed. Learning-rate schedules are per epoch: constant lr; ``exp``: lr * exp(-gamma * epoch)
@@ -68,7 +69,7 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 # Extra keys each optimizer accepts besides the common ones.
 OPTIMIZER_EXTRAS: dict[str, tuple[str, ...]] = {
-    "gsgd": ("max_ratio",),
+    "gsgd": ("max_ratio", "compile"),
     "sgd": (),
     "pathsgd": (),
     "enorm": ("c",),
@@ -104,15 +105,21 @@ class ExperimentSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """[model]: an MLP (widths, input first, classes last) or a PlainNet / ResNet (depth)."""
+    """[model]: an MLP (widths: units, input first, classes last) or a PlainNet / ResNet
+    (depth 6n+2 or 34; widths: channels per stage, default by depth). ``bias`` defaults to true
+    for MLPs and false for CNNs. With ``batchnorm``, G-blocks are found in ``bn_mode`` ("exact":
+    BN affine pairs as incoming edges; "approximate": the paper's heuristic). ``cut = "stages"``
+    gives one G-block per PlainNet stage (the paper's choice); ``shortcut``: ResNet "A" / "B"
+    ("": by depth)."""
 
     kind: str = "mlp"
     widths: tuple[int, ...] | tuple[tuple[int, ...], ...] = ()
-    bias: bool = True
+    bias: bool | None = None
     depth: int = 20
-    width: int = 16
     batchnorm: bool = False
     bn_mode: str = "exact"
+    cut: str = ""
+    shortcut: str = ""
 
     @property
     def variants(self) -> tuple[tuple[int, ...], ...]:
@@ -159,6 +166,7 @@ class OptimizerSpec:
     c: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    compile: bool = False
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -353,9 +361,10 @@ _MODEL_KEYS: dict[str, Check] = {
     "widths": _widths,
     "bias": _boolean,
     "depth": _int_at_least(1),
-    "width": _int_at_least(1),
     "batchnorm": _boolean,
     "bn_mode": _choice(BN_MODES),
+    "cut": _choice(("", "stages")),
+    "shortcut": _choice(("", "A", "B")),
 }
 _RESCALE_KEYS: dict[str, Check] = {
     "base": _number(1.0, open_low=True),
@@ -382,6 +391,7 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "c": _number(0.0, open_low=True),
     "betas": _betas,
     "eps": _number(0.0, open_low=True),
+    "compile": _boolean,
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if k not in {x for e in OPTIMIZER_EXTRAS.values() for x in e})
@@ -427,9 +437,14 @@ def _model(table: Any, dataset: str) -> ModelSection:
                     f"[model] widths = {list(profile)}: dataset {dataset!r} needs "
                     f"widths[0] = {c * h * w} (input features) and widths[-1] = {classes} "
                     "(classes)")
-    elif model.widths:
-        raise ConfigError(f"[model]: widths is for kind = 'mlp'; kind = {model.kind!r} uses "
-                          "depth, width, batchnorm, bn_mode")
+    else:
+        if model.depth != 34 and (model.depth < 8 or (model.depth - 2) % 6):
+            raise ConfigError(f"[model] depth = {model.depth}: kind = {model.kind!r} supports "
+                              "depths 6n+2 (20, 32, 44, 56, 110) and 34")
+        if model.shortcut and model.kind != "resnet":
+            raise ConfigError("[model] shortcut: only for kind = 'resnet'")
+        if model.cut and model.kind != "plainnet":
+            raise ConfigError("[model] cut: only for kind = 'plainnet'")
     return model
 
 

@@ -34,7 +34,8 @@ def _gsgd(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.
     from gsgd.optim import GSGD
 
     return GSGD(model, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                nesterov=spec.nesterov, max_ratio=spec.max_ratio, structure=structure)
+                nesterov=spec.nesterov, max_ratio=spec.max_ratio, compile=spec.compile,
+                structure=structure)
 
 
 def _sgd(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.optim.Optimizer:

@@ -446,7 +446,7 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
     return dirs
 
 
-def dry_run_config(config: Config, batch_size: int = 32) -> Config:
+def dry_run_config(config: Config, batch_size: int = 8) -> Config:
     """The dry-run version of ``config``: 1 epoch, its first seed, small batches, checkpoints
     every 2 batches (so the mid-epoch checkpoint path runs too)."""
     exp = replace(config.experiment, epochs=1, seeds=config.experiment.seeds[:1],
@@ -456,8 +456,8 @@ def dry_run_config(config: Config, batch_size: int = 32) -> Config:
 
 
 def dry_run_options(options: RunOptions) -> RunOptions:
-    """Limits of a dry run: 3 batches per epoch, 128 examples per evaluation."""
-    return replace(options, max_batches_per_epoch=3, eval_limit=128, resume=False,
+    """Limits of a dry run: 3 batches per epoch, 32 examples per evaluation."""
+    return replace(options, max_batches_per_epoch=3, eval_limit=32, resume=False,
                    fallback_to_synthetic=True, allow_cpu_fallback=True)
 
 
