@@ -61,15 +61,19 @@ def block_prepare(ws: list[torch.Tensor], gs: list[torch.Tensor],
 
 def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                  inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
-                 hp: torch.Tensor, flags: StepFlags) -> None:
+                 hp: torch.Tensor, flags: StepFlags, row_scale: torch.Tensor | None = None
+                 ) -> None:
     """Phase B for one layer as an ``(out, in * taps)`` matrix, in place on ``w`` (and ``buf``).
 
     ``inv_alpha`` and ``inv_rho`` are per column (tail units repeated over their taps),
     ``inv_beta`` per row; ``hp`` = [lr, momentum, dampening, weight_decay, max_ratio].
+    ``row_scale`` multiplies the G-space gradient of each row (batchnorm="approximate" only).
     """
     lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
     inv_c = inv_beta[:, None] * inv_alpha[None, :]
     d = g * inv_c
+    if row_scale is not None:
+        d = d * row_scale[:, None]
     if flags.has_wd:
         d = d + wd * w / inv_c
     if buf is None:
@@ -96,11 +100,14 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
                  bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
                  index: tuple[LayerIndex, ...], alphas: list[torch.Tensor],
                  betas: list[torch.Tensor], sums: list[torch.Tensor], hp: torch.Tensor,
-                 flags: StepFlags) -> torch.Tensor:
+                 flags: StepFlags, row_scales: list[torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
     """One G-SGD step of a block, in place. Returns the number of clipped carrier ratios.
 
     ``alphas``, ``betas``, ``sums`` come from :func:`block_prepare` (checked by the caller).
     ``bufs`` / ``bias_bufs`` are the G-space momentum buffers (None without momentum).
+    ``row_scales[l]``, where given, multiplies the G-space gradient of every output unit of
+    layer l: the paper's heuristic for BN-followed layers (batchnorm="approximate"), NOT exact.
     """
     Z = carrier_potentials(ws, gs, index, sums)
     lr, wd, max_ratio = hp[0], hp[3], hp[4]
@@ -110,6 +117,7 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
         ix = index[l]
         wf, gf = w.view(-1), g.reshape(-1)
         buf = bufs[l]
+        row_scale = None if row_scales is None else row_scales[l]
         frozen_w = wf[ix.kap_flat]
         next_rho = rho[ix.par_tail] if ix.head_hidden else None
         if len(ix.car_flat):
@@ -117,6 +125,8 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
             wc = wf[ix.car_flat]
             vc = alphas[l][ix.car_a] * wc * betas[l + 1][ix.car_b]
             dc = (wc * gf[ix.car_flat] - Z[l + 1][ix.car_b]) / vc
+            if row_scale is not None:
+                dc = dc * row_scale[ix.car_b]
             if flags.has_wd:
                 dc = dc + wd * vc
             sc, bufc = _momentum(dc, None if buf is None else buf.view(-1)[ix.car_flat], hp,
@@ -130,7 +140,7 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
         dense_update(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
                      None if buf is None else buf.view(ix.h_out, -1),
                      _per_tap(1 / alphas[l], ix.taps), 1 / betas[l + 1],
-                     _per_tap(1 / rho, ix.taps), hp, flags)
+                     _per_tap(1 / rho, ix.taps), hp, flags, row_scale)
         # Phase C: frozen edges keep their weight and a zero buffer; carriers exact.
         wf[ix.kap_flat] = frozen_w
         if buf is not None:
@@ -143,6 +153,8 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
             # bias of node b: an edge from a bias node (rho = 1), v = b * beta(b)
             beta = betas[l + 1]
             db = gbs[l] / beta
+            if row_scale is not None:
+                db = db * row_scale
             if flags.has_wd:
                 db = db + wd * bs[l] * beta
             sb, new_bb = _momentum(db, bias_bufs[l], hp, flags)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gsgd.basis import LayerIndex, block_index, route_scale
-from gsgd.functional import allocate, g_space_gradient
+from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import StepFlags, block_prepare, block_update, compiled, hyper_tensor
 from gsgd.optim.common import (
     NonFiniteError,
@@ -211,9 +210,6 @@ class GSGD(torch.optim.Optimizer):
         return "non-finite value"
 
     def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
-        if any(layer.approx_bn for layer in bp.block.layers):
-            self._update_block_approx_bn(bp, group, plan)
-            return
         ws, gs, bs, gbs, index, (alphas, betas), sums, _ = plan
         bufs: list[torch.Tensor | None] = [None] * len(ws)
         bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
@@ -226,60 +222,18 @@ class GSGD(torch.optim.Optimizer):
         hp = hyper_tensor(group["lr"], group["momentum"], group["dampening"],
                           group["weight_decay"], group["max_ratio"], ws[0])
         flags = StepFlags(bool(group["nesterov"]), first, bool(group["weight_decay"]))
+        # batchnorm="approximate" (the paper's heuristic, NOT invariant): the G-space gradient
+        # of every filter of a BN-followed layer is scaled by that filter's weight norm.
+        row_scales = None
+        if any(layer.approx_bn for layer in bp.block.layers):
+            row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
+                          for layer, w in zip(bp.block.layers, ws, strict=True)]
         update = compiled("update") if group["compile"] else block_update
-        clipped = update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp, flags)
+        clipped = update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp, flags,
+                         row_scales)
         state = self.state[bp.weights[0]]
         state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
             clipped.cpu()
-
-    # --- batchnorm="approximate" (the paper's heuristic; NOT invariant) ---------------------
-    def _update_block_approx_bn(self, bp: _BlockParams, group: dict, plan) -> None:
-        """Unfused step of a block with BN-followed layers (``Layer.approx_bn``).
-
-        d = dL/dv by the inverse chain rule; for an approx_bn layer every row (output filter o)
-        of d, and its bias entry, is multiplied by ||W[o]||_2; then weight decay, momentum and
-        weight allocation as in the exact step.
-        """
-        ws, gs, bs, gbs, index, routes, sums, _ = plan
-        alphas, betas = routes
-        lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        dws, dbs = g_space_gradient(ws, gs, bs, gbs, index, routes, sums)
-        for l, layer in enumerate(bp.block.layers):
-            if layer.approx_bn:
-                norms = ws[l].reshape(ws[l].shape[0], -1).norm(dim=1)
-                dws[l].mul_(norms[:, None, None])
-                if dbs[l] is not None:
-                    dbs[l].mul_(norms)
-            if wd:
-                dws[l].addcmul_(ws[l], route_scale(alphas[l], betas[l + 1]), value=wd)
-                dws[l].view(-1)[index[l].kap_flat] = 0
-                if dbs[l] is not None:
-                    dbs[l].addcmul_(bs[l], betas[l + 1], value=wd)
-        first = "momentum_buffer" not in self.state[bp.weights[0]]
-
-        def direction(p: nn.Parameter, d: torch.Tensor) -> torch.Tensor:
-            if not mu:
-                return d
-            buf = self._buffer(p, d)
-            if first:
-                buf.copy_(d)
-            else:
-                buf.mul_(mu).add_(d, alpha=1 - damp)
-            return d.add(buf, alpha=mu) if group["nesterov"] else buf
-
-        steps = [direction(p, d) for p, d in zip(bp.weights, dws, strict=True)]
-        bsteps = [None if p is None else direction(p, d)
-                  for p, d in zip(bp.biases, dbs, strict=True)]
-        result = allocate(ws, bs, steps, bsteps, lr, index, routes, group["max_ratio"])
-        for w, nw in zip(ws, result.weights, strict=True):
-            w.copy_(nw)
-        for b, nb in zip(bs, result.biases, strict=True):
-            if b is not None:
-                b.copy_(nb)
-        state = self.state[bp.weights[0]]
-        state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
-            result.clipped.cpu()
-    # --- end of batchnorm="approximate" ----------------------------------------------------
 
     def _buffer(self, p: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
         """The G-space momentum buffer of p, shaped like ``like`` (zeros when new)."""
