@@ -98,6 +98,8 @@ def test_resnet20_summary_one_block_per_residual_branch():
     assert structure.num_hidden == 3 * (16 + 32 + 64)
     assert structure.plain == ("stem.conv.weight", "fc.weight", "fc.bias")
     assert "plain SGD: stem.conv.weight, fc.weight, fc.bias" in structure.summary()
+    # residual merges and fan-outs are natural block boundaries, not errors in strict mode
+    assert discover(resnet(20), strict=True) == structure
 
 
 def test_resnet34_projection_shortcuts_are_plain_and_blocks_follow_3_4_6_3():
