@@ -172,7 +172,7 @@ def test_demo_is_the_papers_mnist_setting_with_same_lr_for_both():
 
 def test_demo_dry_run_prints_table_and_plot_path(tmp_path, capsys):
     """The demo's code path on 3 batches (MNIST, or labelled synthetic data if unavailable)."""
-    assert main(["demo", "--out", str(tmp_path), "--dry-run", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--dry-run", "--quiet", "--jobs", "1"]) == 0
     out = capsys.readouterr().out
     assert "| G-SGD |" in out and "| SGD |" in out
     assert f"Plot:   {tmp_path / 'dry-run' / 'demo' / 'curves.png'}" in out

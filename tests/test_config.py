@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,8 @@ def test_every_preset_is_valid_and_round_trips(path, tmp_path):
     assert load_config(out) == cfg
     first = path.read_text().lstrip().splitlines()[0]
     assert first.startswith("#"), "a preset starts with a comment saying what it reproduces"
-    assert "hour" in path.read_text() or "minute" in path.read_text(), "says how long it takes"
+    time_line = re.search(r"^# Time\b.*$", path.read_text(), re.MULTILINE)
+    assert time_line and re.search(r"hour|minute", path.read_text()), "says how long it takes"
 
 
 def test_registry_covers_every_optimizer_name():
@@ -238,3 +240,17 @@ def test_build_optimizer_sets_lr_momentum_weight_decay(name):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_cnn_model_keys_are_validated():
+    cnn = with_change("model", {"kind": "resnet", "depth": 21})
+    assert "depths 6n+2 (20, 32, 44, 56, 110) and 34" in error_of(cnn)
+    assert "cut: only for kind = 'plainnet'" in error_of(
+        with_change("model", {"kind": "resnet", "cut": "stages"}))
+    assert "shortcut: only for kind = 'resnet'" in error_of(
+        with_change("model", {"kind": "plainnet", "shortcut": "B"}))
+    assert "bn_mode = 'rough'" in error_of(with_change("model", {"kind": "plainnet",
+                                                                 "bn_mode": "rough"}))
+    cfg = config_from_dict(with_change("model", {"kind": "plainnet", "depth": 34,
+                                                 "widths": [8, 8, 16, 16], "batchnorm": True}))
+    assert cfg.model.widths == (8, 8, 16, 16) and cfg.model.bias is None

@@ -305,3 +305,15 @@ def test_gsgd_uses_the_lr_written_to_param_groups_after_load_state_dict():
 
     assert torch.allclose(one_step(0.0), torch.zeros(5, 6))
     assert not torch.allclose(one_step(0.1), torch.zeros(5, 6))
+
+
+def test_parallel_jobs_give_the_same_results_as_sequential_runs(tmp_path, small):
+    config = digits_config(epochs=1, seeds=(0, 1))
+    seq = run_experiment(config, tmp_path / "seq", QUIET, report=False, data=small)[0]
+    par = run_experiment(config, tmp_path / "par", replace(QUIET, jobs=2), report=False,
+                         data=small)[0]
+    for label in ("G-SGD", "SGD"):
+        for seed in (0, 1):
+            a = read_metrics(run_dir_for(seq, label, seed))
+            b = read_metrics(run_dir_for(par, label, seed))
+            assert without_time(a) == without_time(b)

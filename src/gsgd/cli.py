@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,7 +31,7 @@ from gsgd.experiments.config import (
 
 __all__ = ["build_parser", "demo_config", "main"]
 
-DEMO_EPOCHS = 3
+DEMO_EPOCHS = 10
 DEMO_SEEDS = (0, 1, 2)
 
 
@@ -92,6 +93,8 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> N
                         "--no-resume starts them over")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (the one-line-per-epoch log stays)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many runs in parallel processes (default: %(default)s)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="3 batches of one seed (a smoke test)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs trained in parallel processes (default: %(default)s)")
     return parser
 
 
@@ -176,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace):
     from gsgd.experiments.runner import RunOptions, dry_run_options
 
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be >= 1")
     options = RunOptions(resume=args.resume,
-                         progress=not args.quiet and sys.stderr.isatty(),
-                         synthetic=getattr(args, "data", "real") == "synthetic")
+                         progress=not args.quiet and sys.stderr.isatty() and jobs == 1,
+                         synthetic=getattr(args, "data", "real") == "synthetic", jobs=jobs)
     return dry_run_options(options) if getattr(args, "dry_run", False) else options
 
 

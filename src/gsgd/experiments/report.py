@@ -207,6 +207,7 @@ def plot_curves(runs: list[RunRecord], path: Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     acc_key = "test_acc" if any(r.last("test_acc") is not None for r in runs) else "val_acc"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -234,6 +235,7 @@ def plot_curves(runs: list[RunRecord], path: Path, title: str = "") -> None:
             and axes[1].get_lines():
         axes[1].set_yscale("log")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.get_lines():

@@ -80,6 +80,7 @@ class RunOptions:
     synthetic: bool = False  # train on labelled synthetic data of the dataset's shape
     fallback_to_synthetic: bool = False  # dry runs: synthetic data when the dataset is absent
     allow_cpu_fallback: bool = False  # dry runs: device "cuda" runs on the CPU when absent
+    jobs: int = 1  # runs trained in parallel worker processes
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -305,6 +306,9 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
         torch.set_rng_state(ckpt["torch_rng"])
         state = {k: ckpt[k] for k in state}
         generator.set_state(state["gen_state"])
+        if state["epoch"] > exp.epochs:
+            raise ValueError(f"{ckpt_path} is at epoch {state['epoch']}, past epochs = "
+                             f"{exp.epochs}; use --no-resume or another --out")
     history: list[dict] = state["history"]
     atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
@@ -423,27 +427,61 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
     from gsgd.experiments.report import write_group_report, write_report
 
     options = options or RunOptions()
+    if options.jobs < 1:
+        raise ValueError(f"run_experiment: jobs = {options.jobs} must be >= 1")
     log = options.log or (lambda _msg: None)
-    dirs = []
+    given = data
     if data is None:
         data = load_experiment_data(config.experiment, synthetic=options.synthetic,
                                     fallback_to_synthetic=options.fallback_to_synthetic)
     if data.synthetic:
         log(f"NOTE: {data.note}")
-    for variant, cfg, exp_dir in experiment_dirs(config, out_dir):
+    dirs, tasks = [], []
+    for _variant, cfg, exp_dir in experiment_dirs(config, out_dir):
         exp_dir.mkdir(parents=True, exist_ok=True)
-        _write_experiment_json(exp_dir, cfg, variant, data)
-        with torch_threads(cfg.experiment.threads):
-            for spec in cfg.optimizers:
-                for seed in cfg.experiment.seeds:
-                    train_run(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed),
-                              data.splits, options)
-        if report:
-            write_report(exp_dir)
+        _write_experiment_json(exp_dir, cfg, _variant, data)
         dirs.append(exp_dir)
-    if report and len(dirs) > 1:
-        write_group_report(Path(out_dir) / config.experiment.name, dirs)
+        tasks += [(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed))
+                  for spec in cfg.optimizers for seed in cfg.experiment.seeds]
+    if options.jobs == 1:
+        for cfg, spec, seed, run_dir in tasks:
+            with torch_threads(cfg.experiment.threads):
+                train_run(cfg, spec, seed, run_dir, data.splits, options)
+    else:
+        _run_in_workers(tasks, options, given)
+    if report:
+        for exp_dir in dirs:
+            write_report(exp_dir)
+        if len(dirs) > 1:
+            write_group_report(Path(out_dir) / config.experiment.name, dirs)
     return dirs
+
+
+def _worker_run(cfg: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
+                options: RunOptions, data: ExperimentData | None) -> dict:
+    """One run in a worker process: its own data (cached per process) and thread count."""
+    if data is None:
+        data = load_experiment_data(cfg.experiment, synthetic=options.synthetic,
+                                    fallback_to_synthetic=options.fallback_to_synthetic)
+    threads = cfg.experiment.threads or max(1, (os.cpu_count() or 1) // options.jobs)
+    with torch_threads(threads):
+        return train_run(cfg, spec, seed, run_dir, data.splits, options)
+
+
+def _run_in_workers(tasks: list, options: RunOptions, data: ExperimentData | None) -> None:
+    """Train ``tasks`` in ``options.jobs`` spawned processes (runs are independent and each is
+    deterministic, so the results equal a sequential run's); one-line-per-epoch logs only."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Workers print their epoch lines themselves (a custom log callable may not pickle).
+    worker_options = replace(options, progress=False, log=print if options.log else None)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=context) as pool:
+        futures = [pool.submit(_worker_run, cfg, spec, seed, run_dir, worker_options, data)
+                   for cfg, spec, seed, run_dir in tasks]
+        for future in futures:
+            future.result()
 
 
 def dry_run_config(config: Config, batch_size: int = 8) -> Config:
