@@ -348,7 +348,7 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                     raise RunInterrupted(f"stopped after {done_here} batches (simulated kill)")
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(xb), yb)
-                value = loss.item() if not loss.requires_grad else loss.detach().item()
+                value = loss.detach().item()
                 if not math.isfinite(value):
                     diverged = (i, f"non-finite training loss {value}")
                     break
