@@ -129,3 +129,49 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
             layer_view(w.detach(), layer)  # validates shape and contiguity now
         bound.append((block, weights, biases, group_of[id(params[0])]))
     return bound
+
+
+class GBlockOptimizer(torch.optim.Optimizer):
+    """Set-up shared by the optimizers that act on G-blocks (GSGD, PathSGD).
+
+    Resolves the parameters, discovers (or takes) the structure, binds every G-block to its
+    param group and lists the parameters left to plain SGD (:attr:`plain_parameters`).
+    """
+
+    structure: Structure
+    plain_parameters: tuple[str, ...]
+
+    def _setup(self, owner: str, params: nn.Module | Iterable, defaults: dict,
+               model: nn.Module | None, structure: Structure | None,
+               batchnorm: str | None = None
+               ) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
+        check_hyper_parameters(owner, defaults)
+        params, model, named = resolve_params(owner, params, model)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        for group in self.param_groups:
+            check_hyper_parameters(owner, group)
+        if structure is None:
+            from gsgd.discovery import discover
+
+            structure = discover(model, batchnorm=batchnorm)
+        elif batchnorm is not None:
+            raise ValueError(f"{owner}: batchnorm= is a discovery option; with structure= given, "
+                             "pass it to discover(model, batchnorm=...) instead")
+        self.structure = structure
+        bound = bind_blocks(owner, structure, named, self.param_groups)
+        if not bound:
+            why = "; ".join(structure.notes) or "no two layers are joined by a ReLU-family map"
+            raise StructureError(
+                f"{owner}: found no G-block (positively scalable chain of >= 2 Linear/Conv2d "
+                f"layers) among the given parameters of {type(model).__name__} ({why}); "
+                "use torch.optim.SGD for such a model, or pass structure= with explicit blocks"
+            )
+        in_blocks = {id(p) for _, ws, bs, _ in bound for p in ws + bs if p is not None}
+        self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
+        self._names = {id(p): n for n, p in named.items()}
+        self.plain_parameters = tuple(self._names.get(id(p), "?") for p in self._plain)
+        return bound
+
+    def summary(self) -> str:
+        """The G-structure this optimizer works on, and the parameters left to plain SGD."""
+        return self.structure.summary()

@@ -49,8 +49,7 @@ import torch
 from torch import nn
 
 from gsgd.group import rescale_hidden_layer
-from gsgd.optim.common import check_hyper_parameters, resolve_params
-from gsgd.optim.pathsgd import bind_blocks
+from gsgd.optim.common import bind_blocks, check_hyper_parameters, resolve_params
 from gsgd.structure import Block, Structure, layer_view
 
 __all__ = [

@@ -11,11 +11,9 @@ from torch import nn
 from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import StepFlags, block_prepare, block_update, compiled, hyper_tensor
 from gsgd.optim.common import (
+    GBlockOptimizer,
     NonFiniteError,
-    bind_blocks,
-    check_hyper_parameters,
     plain_sgd_update,
-    resolve_params,
 )
 from gsgd.structure import Block, Structure, layer_view
 
@@ -34,7 +32,7 @@ class _BlockParams:
         return self.index_cache[device]
 
 
-class GSGD(torch.optim.Optimizer):
+class GSGD(GBlockOptimizer):
     r"""G-SGD (Meng et al., ICLR 2019): SGD on the basis-path values of every G-block.
 
     For each G-block (a positively scalable chain found by :func:`gsgd.discover`):
@@ -93,37 +91,10 @@ class GSGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
                         on_nonfinite=on_nonfinite, compile=compile, skipped_steps=0)
-        check_hyper_parameters("GSGD", defaults)
-        params, model, named = resolve_params("GSGD", params, model)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_hyper_parameters("GSGD", group)
-        if structure is None:
-            from gsgd.discovery import discover
-
-            structure = discover(model, batchnorm=batchnorm)
-        elif batchnorm is not None:
-            raise ValueError("GSGD: batchnorm= is a discovery option; with structure= given, "
-                             "pass it to discover(model, batchnorm=...) instead")
-        self.structure = structure
-        self._blocks, self._block_group = self._bind(structure, named)
-        in_blocks = {id(p) for b in self._blocks for p in b.weights + b.biases if p is not None}
-        self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
-        names = {id(p): n for n, p in named.items()}
-        self.plain_parameters: tuple[str, ...] = tuple(names.get(id(p), "?") for p in self._plain)
-        self._names = names
-
-    # ------------------------------------------------------------------ structure binding
-    def _bind(self, structure: Structure, named: dict[str, nn.Parameter]
-              ) -> tuple[list[_BlockParams], list[int]]:
-        bound = bind_blocks("GSGD", structure, named, self.param_groups)
-        blocks = [_BlockParams(block, weights, biases, block_index(block), {})
-                  for block, weights, biases, _ in bound]
-        return blocks, [gi for *_, gi in bound]
-
-    def summary(self) -> str:
-        """The G-structure this optimizer works on, and the parameters left to plain SGD."""
-        return self.structure.summary()
+        bound = self._setup("GSGD", params, defaults, model, structure, batchnorm)
+        self._blocks = [_BlockParams(block, weights, biases, block_index(block), {})
+                        for block, weights, biases, _ in bound]
+        self._block_group = [gi for *_, gi in bound]
 
     def clip_counts(self) -> list[int]:
         """Per G-block: how many carrier ratios R have been clipped so far."""

@@ -46,11 +46,9 @@ import torch
 from torch import nn
 
 from gsgd.optim.common import (
-    bind_blocks,
-    check_hyper_parameters,
+    GBlockOptimizer,
     momentum_direction,
     plain_sgd_update,
-    resolve_params,
 )
 from gsgd.structure import Block, Structure, layer_view
 
@@ -135,7 +133,7 @@ def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | 
 # The optimizer
 # ------------------------------------------------------------------------------------------------
 
-class PathSGD(torch.optim.Optimizer):
+class PathSGD(GBlockOptimizer):
     r"""Path-SGD (Neyshabur et al., 2015) on every G-block, plain SGD elsewhere.
 
     .. code-block:: text
@@ -172,26 +170,7 @@ class PathSGD(torch.optim.Optimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov)
-        check_hyper_parameters("PathSGD", defaults)
-        params, model, named = resolve_params("PathSGD", params, model)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_hyper_parameters("PathSGD", group)
-        if structure is None:
-            from gsgd.discovery import discover
-
-            structure = discover(model)
-        self.structure = structure
-        self._blocks = bind_blocks("PathSGD", structure, named, self.param_groups)
-        in_blocks = {id(p) for _, ws, bs, _ in self._blocks for p in ws + bs if p is not None}
-        self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
-        self._names = {id(p): n for n, p in named.items()}
-        self.plain_parameters: tuple[str, ...] = tuple(self._names.get(id(p), "?")
-                                                       for p in self._plain)
-
-    def summary(self) -> str:
-        """The G-structure this optimizer works on, and the parameters left to plain SGD."""
-        return self.structure.summary()
+        self._blocks = self._setup("PathSGD", params, defaults, model, structure)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
