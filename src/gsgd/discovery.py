@@ -394,6 +394,8 @@ def _excluded_layers(model: nn.Module, layer_ops: list[_Op], notes: list[str]) -
             owners.setdefault(id(p), set()).add(mname)
     excluded: set[str] = set()
     for op in layer_ops:
+        if op.name in excluded:
+            continue  # a module called several times: one note, not one per call
         shared = any(len(owners.get(id(p), ())) > 1 for p in op.module.parameters(recurse=False))
         reason = ""
         if calls[op.name] > 1:
