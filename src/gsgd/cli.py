@@ -1,4 +1,4 @@
-"""The ``gsgd`` command: run experiment configs, quick comparisons, lr sweeps, reports, demo.
+"""The gsgd command: run experiment configs, quick comparisons, lr sweeps, reports, a demo.
 
     gsgd demo                          the README's comparison: G-SGD vs SGD on MNIST, 3 seeds
     gsgd run CONFIG [--dry-run] ...    every optimizer x seed of a TOML config, then the report
