@@ -203,8 +203,8 @@ class GSGD(GBlockOptimizer):
         clipped = update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp, flags,
                          row_scales)
         state = self.state[bp.weights[0]]
-        state["clipped"] = state.get("clipped", torch.zeros((), dtype=torch.long)) + \
-            clipped.cpu()
+        # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
+        state["clipped"] = state.get("clipped", 0) + int(clipped)
 
     def _buffer(self, p: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
         """The G-space momentum buffer of p, shaped like ``like`` (zeros when new)."""
