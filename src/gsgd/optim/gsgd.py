@@ -26,10 +26,22 @@ class _BlockParams:
     index_cpu: tuple[LayerIndex, ...]
     index_cache: dict[torch.device, tuple[LayerIndex, ...]]
 
+    views_key: tuple = ()
+    views: list[torch.Tensor] | None = None
+
     def index(self, device: torch.device) -> tuple[LayerIndex, ...]:
         if device not in self.index_cache:
             self.index_cache[device] = tuple(ix.to(device) for ix in self.index_cpu)
         return self.index_cache[device]
+
+    def weight_views(self) -> list[torch.Tensor]:
+        """``(out, in, taps)`` views of the weights, rebuilt only if a parameter's storage moved."""
+        key = tuple((w.data_ptr(), w.device, w.dtype) for w in self.weights)
+        if self.views is None or key != self.views_key:
+            self.views = [layer_view(w, layer) for layer, w in
+                          zip(self.block.layers, self.weights, strict=True)]
+            self.views_key = key
+        return self.views
 
 
 class GSGD(GBlockOptimizer):
@@ -118,26 +130,26 @@ class GSGD(GBlockOptimizer):
             return loss
         for bp, group, plan in plans:
             self._update_block(bp, group, plan)
-        plain_ids = {id(p) for p in self._plain}
-        for group in self.param_groups:
-            params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise ValueError(f"GSGD: sparse gradient for {self._names.get(id(p))}")
-            plain_sgd_update(self, params, group)
+        if self._plain:
+            plain_ids = {id(p) for p in self._plain}
+            for group in self.param_groups:
+                params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
+                for p in params:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"GSGD: sparse gradient for {self._names.get(id(p))}")
+                plain_sgd_update(self, params, group)
         return loss
 
     def _prepare(self, bp: _BlockParams, group: dict):
         """Views, gradients, route products, edge sums and the finite flag (None: no grad)."""
         if all(p.grad is None for p in bp.weights):
             return None
-        ws, gs, bs, gbs = [], [], [], []
-        for layer, w, b in zip(bp.block.layers, bp.weights, bp.biases, strict=True):
+        ws = bp.weight_views()
+        gs, bs, gbs = [], [], []
+        for layer, w, view, b in zip(bp.block.layers, bp.weights, ws, bp.biases, strict=True):
             if w.grad is not None and w.grad.is_sparse:
                 raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
-            ws.append(layer_view(w, layer))
-            gs.append(layer_view(w.grad, layer) if w.grad is not None
-                      else torch.zeros_like(ws[-1]))
+            gs.append(w.grad.view(view.shape) if w.grad is not None else torch.zeros_like(view))
             bs.append(b)
             gbs.append(None if b is None else
                        (b.grad if b.grad is not None else torch.zeros_like(b)))
