@@ -142,7 +142,7 @@ def architectures(draw):
     return tuple(widths), bias, acts
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(arch=architectures(), seed=st.integers(0, 2**16))
 def test_gsgd_with_momentum_and_weight_decay_is_invariant_under_rescaling(arch, seed):
     widths, bias, acts = arch
