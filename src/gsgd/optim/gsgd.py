@@ -38,7 +38,7 @@ class _BlockParams:
         """``(out, in, taps)`` views of the weights, rebuilt only if a parameter's storage moved."""
         key = tuple((w.data_ptr(), w.device, w.dtype) for w in self.weights)
         if self.views is None or key != self.views_key:
-            self.views = [layer_view(w, layer) for layer, w in
+            self.views = [layer_view(w.detach(), layer) for layer, w in
                           zip(self.block.layers, self.weights, strict=True)]
             self.views_key = key
         return self.views
