@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from gsgd.basis import LayerIndex, block_index
-from gsgd.fused import StepFlags, block_prepare, block_update, compiled, hyper_tensor
+from gsgd.fused import (
+    StepFlags,
+    block_prepare,
+    block_update,
+    compiled_dense_update,
+    dense_update_inplace,
+    hyper_tensor,
+)
 from gsgd.optim.common import (
     GBlockOptimizer,
     NonFiniteError,
@@ -154,8 +161,7 @@ class GSGD(GBlockOptimizer):
             gbs.append(None if b is None else
                        (b.grad if b.grad is not None else torch.zeros_like(b)))
         index = bp.index(ws[0].device)
-        prepare = compiled("prepare") if group["compile"] else block_prepare
-        alphas, betas, sums, ok = prepare(ws, gs, gbs, index)
+        alphas, betas, sums, ok = block_prepare(ws, gs, gbs, index)
         return ws, gs, bs, gbs, index, (alphas, betas), sums, ok
 
     def _all_finite(self, plans) -> bool:
@@ -211,9 +217,9 @@ class GSGD(GBlockOptimizer):
         if any(layer.approx_bn for layer in bp.block.layers):
             row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
                           for layer, w in zip(bp.block.layers, ws, strict=True)]
-        update = compiled("update") if group["compile"] else block_update
-        clipped = update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp, flags,
-                         row_scales)
+        dense = compiled_dense_update() if group["compile"] else dense_update_inplace
+        clipped = block_update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp,
+                               flags, row_scales, dense)
         state = self.state[bp.weights[0]]
         # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
         state["clipped"] = state.get("clipped", 0) + int(clipped)
