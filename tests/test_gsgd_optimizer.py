@@ -314,10 +314,6 @@ def test_skip_mode_leaves_every_weight_and_buffer_untouched_and_counts_the_step(
     assert not same_parameters(net, before_params)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG gsgd/optim/gsgd.py: only G-block gradients are checked; a NaN gradient of a plain "
-    "parameter (outside every G-block) is applied silently by plain SGD although on_nonfinite "
-    "documents raising (or skipping the whole step)"))
 def test_non_finite_gradient_of_a_plain_parameter_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(),
                           nn.Linear(4, 2)).to(F64)
@@ -337,11 +333,6 @@ def test_zero_designated_weight_in_first_layer_raises():
         GSGD(net, lr=0.01).step()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG gsgd/optim/gsgd.py _find_problem: a zero designated weight is reported as 'a "
-    "designated weight of <layer before the node layer> or of a neighbouring layer'; a zero "
-    "child edge of 2.weight (which zeroes beta upstream) is reported as 0.weight, so the "
-    "message does not name the parameter holding the zero"))
 def test_zero_designated_child_weight_raises_naming_its_parameter():
     net = skeleton_net()
     with torch.no_grad():

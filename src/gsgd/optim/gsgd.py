@@ -165,8 +165,11 @@ class GSGD(GBlockOptimizer):
         return ws, gs, bs, gbs, index, (alphas, betas), sums, ok
 
     def _all_finite(self, plans) -> bool:
-        """One synchronisation: all edge sums finite, all route products finite and non-zero?"""
-        if not plans or bool(torch.stack([plan[-1] for _, _, plan in plans]).all()):
+        """One synchronisation: all edge sums finite, all route products finite and non-zero,
+        all gradients of the plain-SGD parameters finite?"""
+        flags = [plan[-1] for _, _, plan in plans]
+        flags.extend(torch.isfinite(p.grad.sum()) for p in self._plain if p.grad is not None)
+        if not flags or bool(torch.stack(flags).all()):
             return True
         problem = self._find_problem(plans)
         if self.param_groups[0]["on_nonfinite"] == "skip":
@@ -177,8 +180,8 @@ class GSGD(GBlockOptimizer):
                              "(pass on_nonfinite='skip' to skip such steps)")
 
     def _find_problem(self, plans) -> str:
-        """Name the first parameter with a non-finite value or a zero designated route."""
-        for bp, _, (ws, gs, bs, gbs, _, (alphas, betas), _, _) in plans:
+        """Name the first parameter with a non-finite value or a zero designated weight."""
+        for bp, _, (ws, gs, bs, gbs, index, _, _, _) in plans:
             for l, layer in enumerate(bp.block.layers):
                 if not torch.isfinite(ws[l]).all():
                     return f"non-finite weight in {layer.weight}"
@@ -188,15 +191,19 @@ class GSGD(GBlockOptimizer):
                     return f"non-finite bias {layer.bias}"
                 if gbs[l] is not None and not torch.isfinite(gbs[l]).all():
                     return f"non-finite gradient for {layer.bias}"
-            for l, (a, b) in enumerate(zip(alphas, betas, strict=True)):
-                bad = ((a == 0) | (b == 0) | ~torch.isfinite(a * b)).nonzero()
-                if len(bad):
-                    unit = int(bad[0])
-                    name = bp.block.layers[max(l - 1, 0)].weight
-                    return (f"designated route through unit {unit} of node layer {l} of the block "
-                            f"starting at {bp.block.layers[0].module} is zero or non-finite "
-                            f"(a designated weight of {name} or of a neighbouring layer is 0)")
-        return "non-finite value"
+                flat, ix = ws[l].reshape(-1), index[l]
+                for role, positions in (("parent", ix.par_flat), ("child", ix.kap_flat)):
+                    zero = (flat[positions] == 0).nonzero()
+                    if len(zero):
+                        o, i, t = _unravel(int(positions[int(zero[0])]), ws[l].shape)
+                        return (f"zero designated ({role}) weight {layer.weight}[{o}, {i}"
+                                f"{f', tap {t}' if ws[l].shape[-1] > 1 else ''}]: it kills the "
+                                "designated routes through it (re-initialise it, e.g. with "
+                                "gsgd.skeleton_init)")
+        for p in self._plain:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"non-finite gradient for {self._names.get(id(p), '?')}"
+        return "non-finite value (overflow in the sums of w * grad)"
 
     def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
         ws, gs, bs, gbs, index, (alphas, betas), sums, _ = plan
@@ -230,3 +237,9 @@ class GSGD(GBlockOptimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state["momentum_buffer"].view_as(like)
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, int, int]:
+    """(out, in, tap) of a flat position in an ``(out, in, taps)`` tensor."""
+    _, h_in, taps = shape
+    return flat // (h_in * taps), (flat // taps) % h_in, flat % taps
