@@ -23,13 +23,17 @@ OptTensors = list[torch.Tensor | None]
 
 
 def edge_sums(weights: Tensors, grads: Tensors) -> Tensors:
-    """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector)."""
-    sums = []
-    for w, g in zip(weights, grads, strict=True):
+    """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector).
+
+    Computed from the last layer to the first, so that the first layers, updated first by the
+    forward allocation sweep, are still in cache when it reaches them.
+    """
+    sums: Tensors = []
+    for w, g in zip(reversed(weights), reversed(grads), strict=True):
         out, h_in, taps = w.shape
         col = torch.linalg.vecdot(w.reshape(out, h_in * taps), g.reshape(out, h_in * taps), dim=0)
         sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
-    return sums
+    return sums[::-1]
 
 
 def carrier_potentials(weights: Tensors, grads: Tensors, index: tuple[LayerIndex, ...],
