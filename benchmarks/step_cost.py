@@ -41,7 +41,7 @@ class ModelCase:
     input_shape: tuple[int, ...]
     batch: int
     classes: int = 10
-    batchnorm: str | None = None
+    lr: float = 1e-3  # small: the timed steps train on one batch over and over
 
 
 def _cnn(kind: str) -> Callable[[], nn.Module]:
@@ -61,9 +61,9 @@ CASES = {
                            lambda: mlp([784, 64, 64, 64, 64, 10], bias=False, seed=0),
                            (1, 28, 28), 64),
     "plainnet": ModelCase("PlainNet-20 (no BN), 1x28x28, batch 128", _cnn("plainnet"),
-                          (1, 28, 28), 128),
+                          (1, 28, 28), 128, lr=1e-5),
     "resnet20": ModelCase("ResNet-20 (no BN), 1x28x28, batch 128", _cnn("resnet"),
-                          (1, 28, 28), 128),
+                          (1, 28, 28), 128, lr=1e-5),
 }
 
 
@@ -102,8 +102,8 @@ def summarise(times: list[float]) -> dict:
             "n": len(times)}
 
 
-def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int, lr: float,
-               momentum: float) -> dict:
+def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
+               lr: float | None, momentum: float) -> dict:
     torch.manual_seed(0)
     base = case.build()
     skeleton_init(base, discover(base))
@@ -113,7 +113,7 @@ def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int, l
     for m in methods:
         model = copy.deepcopy(base)
         try:
-            opt = make_optimizer(m, model, lr, momentum)
+            opt = make_optimizer(m, model, case.lr if lr is None else lr, momentum)
         except ImportError as exc:
             print(f"  skipping {m}: {exc}", file=sys.stderr)
             continue
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="sgd,gsgd,gsgd-compiled,pathsgd,enorm")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: per model (1e-3 MLPs, "
+                    "1e-5 CNNs)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--json", default="benchmarks/results/step_cost.json")
     args = ap.parse_args(argv)
