@@ -88,26 +88,41 @@ def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                          inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
                          hp: torch.Tensor, flags: StepFlags,
-                         row_scale: torch.Tensor | None = None) -> None:
+                         row_scale: torch.Tensor | None = None,
+                         scratch: torch.Tensor | None = None) -> None:
     """:func:`dense_update` for eager mode: the same formula with in-place fused ops.
 
-    Reads/writes about 15 weight-sized passes instead of twice that for the naive expression;
-    :func:`dense_update` under torch.compile is one pass reading w, g, buf, writing w, buf.
+    With momentum (no nesterov, no row scale) it allocates nothing: 1/c goes into ``scratch``
+    (a reusable weight-shaped work tensor, not optimizer state) and the G-space direction goes
+    straight into the momentum buffer. Fresh weight-sized temporaries cost page faults that
+    made each pass several times slower than an in-place one.
     """
     lr, mu, damp, wd, _ = hp.tolist()
-    inv_c = torch.outer(inv_beta, inv_alpha)
-    d = torch.mul(g, inv_c)
-    if row_scale is not None:
-        d.mul_(row_scale[:, None])
-    if flags.has_wd:
-        d.addcdiv_(w, inv_c, value=wd)
-    s = d
-    if buf is not None:
+    inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
+        else torch.outer(inv_beta, inv_alpha)
+    if buf is not None and row_scale is None and not flags.nesterov:
         if flags.first:
-            buf.copy_(d)
+            torch.mul(g, inv_c, out=buf)
+            if flags.has_wd:
+                buf.addcdiv_(w, inv_c, value=wd)
         else:
-            buf.mul_(mu).add_(d, alpha=1 - damp)
-        s = d.add_(buf, alpha=mu) if flags.nesterov else buf
+            buf.mul_(mu).addcmul_(g, inv_c, value=1 - damp)
+            if flags.has_wd:
+                buf.addcdiv_(w, inv_c, value=wd * (1 - damp))
+        s = buf
+    else:
+        d = torch.mul(g, inv_c)
+        if row_scale is not None:
+            d.mul_(row_scale[:, None])
+        if flags.has_wd:
+            d.addcdiv_(w, inv_c, value=wd)
+        s = d
+        if buf is not None:
+            if flags.first:
+                buf.copy_(d)
+            else:
+                buf.mul_(mu).add_(d, alpha=1 - damp)
+            s = d.add_(buf, alpha=mu) if flags.nesterov else buf
     inv_c.mul_(inv_rho[None, :])
     w.mul_(inv_rho[None, :])
     w.addcmul_(s, inv_c, value=-lr)
@@ -129,13 +144,16 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
                  index: tuple[LayerIndex, ...], alphas: list[torch.Tensor],
                  betas: list[torch.Tensor], sums: list[torch.Tensor], hp: torch.Tensor,
                  flags: StepFlags, row_scales: list[torch.Tensor | None] | None = None,
-                 dense: Callable = dense_update_inplace) -> torch.Tensor:
+                 dense: Callable = dense_update_inplace,
+                 scratch: Callable[[int, int], torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
     """One G-SGD step of a block, in place. Returns the number of clipped carrier ratios.
 
     ``alphas``, ``betas``, ``sums`` come from :func:`block_prepare` (checked by the caller).
     ``bufs`` / ``bias_bufs`` are the G-space momentum buffers (None without momentum).
     ``row_scales[l]``, where given, multiplies the G-space gradient of every output unit of
     layer l: the paper's heuristic for BN-followed layers (batchnorm="approximate"), NOT exact.
+    ``dense`` is the phase-B kernel; ``scratch(rows, cols)`` hands it a reusable work tensor.
     """
     Z = carrier_potentials(ws, gs, index, sums)
     lr, wd, max_ratio = hp[0], hp[3], hp[4]
@@ -168,7 +186,8 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
         dense(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
               None if buf is None else buf.view(ix.h_out, -1),
               _per_tap(1 / alphas[l], ix.taps), 1 / betas[l + 1],
-              _per_tap(1 / rho, ix.taps), hp, flags, row_scale)
+              _per_tap(1 / rho, ix.taps), hp, flags, row_scale,
+              *(() if scratch is None else (scratch(ix.h_out, ix.h_in * ix.taps),)))
         # Phase C: frozen edges keep their weight and a zero buffer; carriers exact.
         wf[ix.kap_flat] = frozen_w
         if buf is not None:

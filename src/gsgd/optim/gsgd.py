@@ -224,12 +224,26 @@ class GSGD(GBlockOptimizer):
         if any(layer.approx_bn for layer in bp.block.layers):
             row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
                           for layer, w in zip(bp.block.layers, ws, strict=True)]
-        dense = compiled_dense_update() if group["compile"] else dense_update_inplace
+        if group["compile"]:
+            dense, scratch = compiled_dense_update(), None
+        else:
+            dense, scratch = dense_update_inplace, self._scratch_for(ws[0])
         clipped = block_update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp,
-                               flags, row_scales, dense)
+                               flags, row_scales, dense, scratch)
         state = self.state[bp.weights[0]]
         # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
         state["clipped"] = state.get("clipped", 0) + int(clipped)
+
+    def _scratch_for(self, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        """A reusable work tensor per (rows, cols) shape: kept across steps, never saved."""
+        pool = self.__dict__.setdefault("_scratch", {})
+
+        def get(rows: int, cols: int) -> torch.Tensor:
+            key = (rows, cols, like.dtype, like.device)
+            if key not in pool:
+                pool[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+            return pool[key]
+        return get
 
     def _buffer(self, p: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
         """The G-space momentum buffer of p, shaped like ``like`` (zeros when new)."""
