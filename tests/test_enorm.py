@@ -24,13 +24,6 @@ from gsgd.structure import layer_view
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention (conv backward on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp_net(bias: bool = True, widths=(5, 7, 6, 4, 3), seed: int = 0) -> nn.Sequential:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from gsgd.cli import main
 from gsgd.experiments.config import load_config
@@ -20,12 +19,6 @@ REQUIRED = ("mnist_mlp_paper", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd
             "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_paper_preset_is_present():

@@ -41,13 +41,6 @@ def digits_config(optimizers=None, epochs=2, seeds=(0,), checkpoint_every=4, **e
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and immune to other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,13 @@ class BasicBlock(nn.Module):
 
 
 class _Classifier(nn.Module):
-    """Shared head: global average pooling, flatten, Linear."""
+    """Shared body: stem, stages ``stage1..stageS``; head: global average pooling, Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in range(self.num_stages):
+            x = getattr(self, f"stage{s + 1}")(x)
+        return self._head(x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
@@ -146,12 +152,6 @@ class PlainNet(_Classifier):
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in range(self.num_stages):
-            x = getattr(self, f"stage{s + 1}")(x)
-        return self._head(x)
-
 
 class ResNet(_Classifier):
     """Stem conv, stages of BasicBlocks, global average pooling, Linear (He et al. 2016)."""
@@ -176,12 +176,6 @@ class ResNet(_Classifier):
         self.num_stages = len(stages)
         self.fc = nn.Linear(cin, num_classes)
         _init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in range(self.num_stages):
-            x = getattr(self, f"stage{s + 1}")(x)
-        return self._head(x)
 
 
 def _check_layout(stages: Sequence[int], widths: Sequence[int], in_channels: int,
