@@ -108,11 +108,14 @@ def carrier_ratio(w: torch.Tensor, s: torch.Tensor, lr: float, ix: LayerIndex,
     """
     wc = w.reshape(-1)[ix.car_flat]
     vc = alpha_in[ix.car_a] * wc * beta_out[ix.car_b]
-    raw = 1 - lr * s.reshape(-1)[ix.car_flat] / vc
-    lo, hi = 1.0 / max_ratio, max_ratio
-    ratio = raw.nan_to_num(nan=1.0).clamp(lo, hi)
-    clipped = ((raw < lo) | (raw > hi) | raw.isnan()).sum()
-    return ratio, clipped
+    return clamp_ratio(1 - lr * s.reshape(-1)[ix.car_flat] / vc, max_ratio)
+
+
+def clamp_ratio(raw: torch.Tensor, max_ratio: float | torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carrier ratios clamped to [1/max_ratio, max_ratio] (NaN -> 1), and how many were changed."""
+    ratio = raw.nan_to_num(nan=1.0).clamp(1 / max_ratio, max_ratio)
+    return ratio, (ratio != raw).sum()
 
 
 def allocate(weights: Tensors, biases: OptTensors, steps: Tensors, bias_steps: OptTensors,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from gsgd.basis import LayerIndex, route_products
-from gsgd.functional import carrier_potentials, edge_sums
+from gsgd.functional import carrier_potentials, clamp_ratio, edge_sums
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,8 @@ def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
                 dc = dc + wd * vc
             sc, bufc = _momentum(dc, None if buf is None else buf.view(-1)[ix.car_flat], hp,
                                  flags)
-            raw = 1 - lr * sc / vc
-            ratio = torch.minimum(torch.maximum(raw.nan_to_num(nan=1.0), 1 / max_ratio),
-                                  max_ratio)
-            clipped = clipped + (ratio != raw).sum()
+            ratio, n_clipped = clamp_ratio(1 - lr * sc / vc, max_ratio)
+            clipped = clipped + n_clipped
             new_wc = wc * ratio / rho[ix.car_a]
             next_rho = next_rho.index_put((ix.car_b,), ratio)
         dense(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
