@@ -31,6 +31,7 @@ class LayerIndex:
     h_in: int
     h_out: int
     taps: int
+    centre: int  # the designated tap
     tail_hidden: bool  # node layer l is hidden (l >= 1)
     head_hidden: bool  # node layer l+1 is hidden (l+1 <= n-1)
     par_flat: torch.Tensor  # pi(b) for every b of layer l+1 (empty unless head_hidden)
@@ -82,7 +83,8 @@ def layer_index(widths: tuple[int, ...], l: int, taps: int, centre: int) -> Laye
     car = ~frozen_parent
     link_b = b[frozen_parent]
     return LayerIndex(
-        h_in=h_in, h_out=h_out, taps=taps, tail_hidden=tail_hidden, head_hidden=head_hidden,
+        h_in=h_in, h_out=h_out, taps=taps, centre=centre, tail_hidden=tail_hidden,
+        head_hidden=head_hidden,
         par_flat=par_flat, par_tail=par_tail, kap_flat=kap_flat, kap_head=kap_head,
         car_b=b[car], car_a=par_tail[car], car_flat=par_flat[car],
         link_a=par_tail[frozen_parent], link_b=link_b,

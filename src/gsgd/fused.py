@@ -1,24 +1,27 @@
 """The optimizer's in-place G-SGD step: the maths of ``gsgd.functional`` in few memory passes.
 
-Per block, in three phases (gsgd-math.md sections 4-6):
+Per block, in two phases (gsgd-math.md sections 4-6):
 
-A. O(H) + one reduction pass: route products alpha/beta, the edge sums sum_out w*g, the carrier
-   potentials Z, and everything about the carriers (their G-space gradient (x - Z)/v, momentum,
-   ratio R, clamping) and the per-node ratios rho of the forward sweep.
+A. :func:`block_plan` (pure, nothing written): route products alpha/beta, the edge sums
+   sum_out w*g (the one extra read pass over w and g), the finite check, the carrier potentials
+   Z, and everything about the carriers (their G-space gradient (x - Z)/v, momentum, ratio R,
+   clamping) and the per-node ratios rho of the forward sweep. O(H) besides the edge sums.
 B. One dense pass per layer, the same formula for every edge (the non-carrier update):
 
        d   = g / c + wd * c * w                 c = beta(head) * alpha(tail)
-       buf = mu * buf + (1 - dampening) * d     (buf = d on the first step)
+       buf = mu * buf + (1 - dampening) * d     (buf = 0, dampening = 0 on the first step)
        s   = d + mu * buf  if nesterov else buf
        w'  = (w - lr * s / c) / rho(tail)
 
-   written so that it can run eagerly or fused by ``torch.compile`` into one kernel that reads
-   w, g, buf and writes w, buf (the same traffic as an SGD step).
-C. O(H) fix-ups: frozen child edges keep their weight (and a zero buffer); carriers get their
-   exact values w * R / rho(tail).
+   except at the frozen child edges (w and a zero buffer kept) and the carriers (w * R / rho).
+   :func:`block_apply_masked` selects those by predicates inside the pass (the torch.compile
+   form: one kernel per layer reading w, g, buf and writing w, buf); :func:`block_apply_eager`
+   runs the pass with in-place ops and writes them back by O(H) scatters.
 
-The result equals ``functional.gsgd_step`` (plus momentum / weight decay) to rounding; the tests
-check both against the brute-force oracle.
+Every index is arithmetic on the node widths (pi(b) = (b, b mod h_in), kappa(a) =
+(a mod h_out, a)), so a compiled graph needs no index tensors as inputs. The result equals
+``functional.gsgd_step`` (plus momentum / weight decay) to rounding; the tests check both paths
+against the brute-force oracle and against each other.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gsgd.basis import LayerIndex, route_products
-from gsgd.functional import carrier_potentials, clamp_ratio, edge_sums
+from gsgd.basis import LayerIndex
+from gsgd.functional import clamp_ratio, edge_sums
+
+ROW_BLOCK = 8
+
+#: per layer (h_in, h_out, taps, centre, tail_hidden, head_hidden): static for a compiled graph
+Meta = tuple[tuple[int, int, int, int, bool, bool], ...]
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,13 @@ class StepFlags:
     """The structural choices of a step (static for a compiled graph)."""
 
     nesterov: bool
-    first: bool
     has_wd: bool
+
+
+def block_meta(index: tuple[LayerIndex, ...]) -> Meta:
+    """The static shape of a block's designated routes, one tuple per layer."""
+    return tuple((ix.h_in, ix.h_out, ix.taps, ix.centre, ix.tail_hidden, ix.head_hidden)
+                 for ix in index)
 
 
 def hyper_tensor(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -48,41 +61,220 @@ def hyper_tensor(lr: float, momentum: float, dampening: float, weight_decay: flo
                         device=like.device)
 
 
-def block_prepare(ws: list[torch.Tensor], gs: list[torch.Tensor],
-                  gbs: list[torch.Tensor | None], index: tuple[LayerIndex, ...]):
-    """Route products, edge sums, and ``ok``: all finite and no designated route is zero."""
-    alphas, betas = route_products(ws, index)
-    sums = edge_sums(ws, gs)
+def _parents(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
+    """Entries of an ``(out, in, taps)`` tensor at the parent edges pi(b) = (b, b mod h_in)."""
+    b = torch.arange(h_out, device=t.device)
+    return t[b, b % h_in, centre]
+
+
+def _children(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
+    """Entries at the child edges kappa(a) = (a mod h_out, a) (the frozen edges)."""
+    a = torch.arange(h_in, device=t.device)
+    return t[a % h_out, a, centre]
+
+
+def _is_carrier(h_in: int, h_out: int, tail_hidden: bool, device: torch.device) -> torch.Tensor:
+    """Per head b: is pi(b) a carrier, i.e. not also kappa of its tail (b mod h_in)?"""
+    b = torch.arange(h_out, device=device)
+    if not tail_hidden:
+        return torch.ones(h_out, dtype=torch.bool, device=device)
+    return (b % h_in) % h_out != b
+
+
+def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: torch.Tensor, flags: StepFlags
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(step s, new buffer) of heavy-ball momentum for a small vector (torch.optim.SGD rules).
+
+    ``old`` is zero on the first step and ``hp`` then carries dampening 0, so the new buffer is
+    exactly d, as in torch.optim.SGD.
+    """
+    if old is None:
+        return d, None
+    mu, damp = hp[1], hp[2]
+    new = mu * old + (1 - damp) * d
+    return (d + mu * new if flags.nesterov else new), new
+
+
+@dataclass
+class Plan:
+    """Phase A of a block: everything the dense pass needs, all O(H) vectors.
+
+    ``ratios[l]`` (per head b; 1 where pi(b) is not a carrier) and ``carrier_bufs[l]`` are None
+    unless the heads of layer l are hidden; ``inv_rhos[l]`` is 1 / rho per tail unit.
+    """
+
+    ok: torch.Tensor
+    clipped: torch.Tensor
+    alphas: list[torch.Tensor]
+    betas: list[torch.Tensor]
+    inv_rhos: list[torch.Tensor]
+    ratios: list[torch.Tensor | None]
+    carrier_bufs: list[torch.Tensor | None]
+
+    def as_tuple(self) -> tuple:
+        return (self.ok, self.clipped, self.alphas, self.betas, self.inv_rhos, self.ratios,
+                self.carrier_bufs)
+
+
+def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.Tensor | None],
+               bufs: list[torch.Tensor | None], meta: Meta, hp: torch.Tensor, flags: StepFlags,
+               row_scales: list[torch.Tensor | None] | None = None) -> tuple:
+    """Phase A of one block (reads only). Returns :meth:`Plan.as_tuple` (a compiled graph's
+    output must be a tuple).
+
+    alpha(l+1, b) = alpha(l, b mod h_l) w[pi(b)],  beta(l, a) = w[kappa(a)] beta(l+1, a mod h_l+1)
+    Z(a) = sum_out x(a) - x[kappa(a)] + [kappa(a) = pi(b)] Z(b)          (inverse chain rule)
+    carrier pi(b):  d = (x - Z(b)) / v + wd * v,  s by momentum,  R = clamp(1 - lr * s / v)
+    rho(b) = R(b) at a carrier, rho(b mod h_l) otherwise                  (weight allocation)
+    ``ok``: edge sums finite and every designated route finite and non-zero.
+    """
+    n = len(ws)
+    w0 = ws[0]
+    lr, wd, max_ratio = hp[0], hp[3], hp[4]
+    par_w = [_parents(w, h_in, h_out, c) if hh else None
+             for w, (h_in, h_out, _, c, _, hh) in zip(ws, meta, strict=True)]
+    kap_w = [_children(w, h_in, h_out, c) if th else None
+             for w, (h_in, h_out, _, c, th, _) in zip(ws, meta, strict=True)]
+    alphas = [torch.ones(meta[0][0], dtype=w0.dtype, device=w0.device)]
+    for l, (h_in, h_out, _, _, _, hh) in enumerate(meta):
+        b = torch.arange(h_out, device=w0.device)
+        alphas.append(alphas[l][b % h_in] * par_w[l] if hh else
+                      torch.ones(h_out, dtype=w0.dtype, device=w0.device))
+    betas = [torch.ones(meta[-1][1], dtype=w0.dtype, device=w0.device)]
+    for l in range(n - 1, -1, -1):
+        h_in, h_out, _, _, th, _ = meta[l]
+        a = torch.arange(h_in, device=w0.device)
+        betas.append(kap_w[l] * betas[-1][a % h_out] if th else
+                     torch.ones(h_in, dtype=w0.dtype, device=w0.device))
+    betas.reverse()
+    sums = edge_sums(ws, gs) if not torch.compiler.is_compiling() else _blocked_edge_sums(ws, gs)
     totals = torch.stack([s.sum() for s in sums] + [gb.sum() for gb in gbs if gb is not None])
     routes = torch.cat(alphas + betas)
     ok = torch.isfinite(totals).all() & torch.isfinite(routes).all() & (routes != 0).all()
-    return alphas, betas, sums, ok
+
+    Z: list[torch.Tensor | None] = [None] * (n + 1)
+    for l in range(n - 1, 0, -1):
+        h_in, h_out, _, c, _, hh = meta[l]
+        z = sums[l] - kap_w[l] * _children(gs[l], h_in, h_out, c)
+        if hh:  # kappa(a) = pi(a mod h_out) passes Z of that head on to a
+            a = torch.arange(h_in, device=w0.device)
+            head = a % h_out
+            z = z + torch.where(head % h_in == a, Z[l + 1][head], 0)
+        Z[l] = z
+
+    rho = torch.ones_like(alphas[0])
+    clipped = torch.zeros((), dtype=torch.long, device=w0.device)
+    inv_rhos: list[torch.Tensor] = []
+    ratios: list[torch.Tensor | None] = []
+    carrier_bufs: list[torch.Tensor | None] = []
+    for l, (h_in, h_out, _, c, th, hh) in enumerate(meta):
+        inv_rhos.append(1 / rho)
+        if not hh:
+            ratios.append(None)
+            carrier_bufs.append(None)
+            continue
+        tail = torch.arange(h_out, device=w0.device) % h_in
+        car = _is_carrier(h_in, h_out, th, w0.device)
+        wc = par_w[l]
+        vc = alphas[l][tail] * wc * betas[l + 1]
+        dc = (wc * _parents(gs[l], h_in, h_out, c) - Z[l + 1]) / vc
+        if row_scales is not None and row_scales[l] is not None:
+            dc = dc * row_scales[l]
+        if flags.has_wd:
+            dc = dc + wd * vc
+        old = None if bufs[l] is None else _parents(bufs[l], h_in, h_out, c)
+        sc, bufc = _momentum(dc, old, hp, flags)
+        ratio, n_clipped = clamp_ratio(torch.where(car, 1 - lr * sc / vc, 1), max_ratio)
+        clipped = clipped + n_clipped
+        ratios.append(ratio)
+        carrier_bufs.append(None if bufc is None else torch.where(car, bufc, 0))
+        rho = torch.where(car, ratio, rho[tail])
+    return Plan(ok, clipped, alphas, betas, inv_rhos, ratios, carrier_bufs).as_tuple()
 
 
-def dense_update(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
-                 inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
-                 hp: torch.Tensor, flags: StepFlags, row_scale: torch.Tensor | None = None
-                 ) -> None:
-    """Phase B for one layer as an ``(out, in * taps)`` matrix, in place on ``w`` (and ``buf``).
+def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
+                       rows: int = ROW_BLOCK) -> list[torch.Tensor]:
+    """:func:`functional.edge_sums` written for inductor: sum blocks of ``rows`` rows first.
 
-    ``inv_alpha`` and ``inv_rho`` are per column (tail units repeated over their taps),
-    ``inv_beta`` per row; ``hp`` = [lr, momentum, dampening, weight_decay, max_ratio].
-    ``row_scale`` multiplies the G-space gradient of each row (batchnorm="approximate" only).
+    Inductor vectorises a column sum along the columns and walks the rows one by one inside
+    (one strided stream); summing ``rows`` rows at a time keeps that many streams in flight.
     """
-    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
-    inv_c = inv_beta[:, None] * inv_alpha[None, :]
-    d = g * inv_c
+    sums = []
+    for w, g in zip(ws, gs, strict=True):
+        out, h_in, taps = w.shape
+        k = rows if out % rows == 0 and out > rows else 1
+        x = (w * g).view(out // k, k, h_in * taps)
+        col = x.sum(1).sum(0) if k > 1 else x.sum((0, 1))
+        sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
+    return sums
+
+
+def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
+                 beta: torch.Tensor, hp: torch.Tensor, flags: StepFlags,
+                 row_scale: torch.Tensor | None) -> None:
+    """Bias of node b, an edge from a bias node (rho = 1, v = b * beta): b -= lr * s / beta."""
+    lr, wd = hp[0], hp[3]
+    db = gb / beta
     if row_scale is not None:
-        d = d * row_scale[:, None]
+        db = db * row_scale
     if flags.has_wd:
-        d = d + wd * w / inv_c
-    if buf is None:
-        s = d
-    else:
-        new_buf = d if flags.first else mu * buf + (1 - damp) * d
-        s = d + mu * new_buf if flags.nesterov else new_buf
-        buf.copy_(new_buf)
-    w.copy_((w - lr * s * inv_c) * inv_rho[None, :])
+        db = db + wd * b * beta
+    sb, new_bb = _momentum(db, bias_buf, hp, flags)
+    if new_bb is not None:
+        bias_buf.copy_(new_bb)
+    b.sub_(lr * sb / beta)
+
+
+def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
+                       bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
+                       bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
+                       meta: Meta, plan: tuple, hp: torch.Tensor, flags: StepFlags,
+                       row_scales: list[torch.Tensor | None] | None = None) -> None:
+    """Phase B with the frozen and carrier edges selected by predicates (the compile form).
+
+    Each layer is ONE pointwise map reading w, g, buf and writing w, buf:
+
+        w'   = w                                         frozen kappa(a) = (a mod h_out, a)
+        w'   = w * R(b) / rho(tail)                      carrier pi(b) = (b, b mod h_in)
+        w'   = (w - lr * s / c) / rho(tail)              every other edge
+        buf' = 0 | carrier buffer(b) | mu * buf + (1 - dampening) * d   (same cases)
+
+    Eagerly this materialises masks and temporaries; compiled it is one fused kernel per layer.
+    """
+    _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
+    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
+        h_in, h_out, taps, c, th, hh = meta[l]
+        buf = bufs[l]
+        row_scale = None if row_scales is None else row_scales[l]
+        o = torch.arange(h_out, device=w.device)[:, None, None]
+        i = torch.arange(h_in, device=w.device)[None, :, None]
+        centre = torch.arange(taps, device=w.device)[None, None, :] == c
+        inv_c = (1 / betas[l + 1])[:, None, None] * (1 / alphas[l])[None, :, None]
+        d = g * inv_c
+        if row_scale is not None:
+            d = d * row_scale[:, None, None]
+        if flags.has_wd:
+            d = d + wd * w / inv_c
+        new_buf = None if buf is None else mu * buf + (1 - damp) * d
+        s = d if buf is None else (d + mu * new_buf if flags.nesterov else new_buf)
+        new_w = w - lr * s * inv_c
+        if hh:
+            car = _is_carrier(h_in, h_out, th, w.device)[:, None, None] & (o % h_in == i) & centre
+            new_w = torch.where(car, w * ratios[l][:, None, None], new_w)
+            if buf is not None:
+                new_buf = torch.where(car, carrier_bufs[l][:, None, None], new_buf)
+        new_w = new_w * inv_rhos[l][None, :, None]
+        if th:
+            frozen = (i % h_out == o) & centre
+            new_w = torch.where(frozen, w, new_w)
+            if buf is not None:
+                new_buf = torch.where(frozen, 0, new_buf)
+        w.copy_(new_w)
+        if buf is not None:
+            buf.copy_(new_buf)
+        if bs[l] is not None:
+            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
 
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
@@ -90,7 +282,11 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
                          hp: torch.Tensor, flags: StepFlags,
                          row_scale: torch.Tensor | None = None,
                          scratch: torch.Tensor | None = None) -> None:
-    """:func:`dense_update` for eager mode: the same formula with in-place fused ops.
+    """The non-carrier update of phase B for a layer as an ``(out, in * taps)`` matrix, in place.
+
+    ``inv_alpha`` and ``inv_rho`` are per column (tail units repeated over their taps),
+    ``inv_beta`` per row; ``hp`` = [lr, momentum, dampening, weight_decay, max_ratio].
+    ``row_scale`` multiplies the G-space gradient of each row (batchnorm="approximate" only).
 
     With momentum (no nesterov, no row scale) it allocates nothing: 1/c goes into ``scratch``
     (a reusable weight-shaped work tensor, not optimizer state) and the G-space direction goes
@@ -101,14 +297,9 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
     inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
         else torch.outer(inv_beta, inv_alpha)
     if buf is not None and row_scale is None and not flags.nesterov:
-        if flags.first:
-            torch.mul(g, inv_c, out=buf)
-            if flags.has_wd:
-                buf.addcdiv_(w, inv_c, value=wd)
-        else:
-            buf.mul_(mu).addcmul_(g, inv_c, value=1 - damp)
-            if flags.has_wd:
-                buf.addcdiv_(w, inv_c, value=wd * (1 - damp))
+        buf.mul_(mu).addcmul_(g, inv_c, value=1 - damp)
+        if flags.has_wd:
+            buf.addcdiv_(w, inv_c, value=wd * (1 - damp))
         s = buf
     else:
         d = torch.mul(g, inv_c)
@@ -118,97 +309,46 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
             d.addcdiv_(w, inv_c, value=wd)
         s = d
         if buf is not None:
-            if flags.first:
-                buf.copy_(d)
-            else:
-                buf.mul_(mu).add_(d, alpha=1 - damp)
+            buf.mul_(mu).add_(d, alpha=1 - damp)
             s = d.add_(buf, alpha=mu) if flags.nesterov else buf
     inv_c.mul_(inv_rho[None, :])
     w.mul_(inv_rho[None, :])
     w.addcmul_(s, inv_c, value=-lr)
 
 
-def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: torch.Tensor, flags: StepFlags
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(step s, new buffer) of heavy-ball momentum for a small vector (torch.optim.SGD rules)."""
-    if old is None:
-        return d, None
-    mu, damp = hp[1], hp[2]
-    new = d if flags.first else mu * old + (1 - damp) * d
-    return (d + mu * new if flags.nesterov else new), new
-
-
-def block_update(ws: list[torch.Tensor], gs: list[torch.Tensor],
-                 bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
-                 bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                 index: tuple[LayerIndex, ...], alphas: list[torch.Tensor],
-                 betas: list[torch.Tensor], sums: list[torch.Tensor], hp: torch.Tensor,
-                 flags: StepFlags, row_scales: list[torch.Tensor | None] | None = None,
-                 dense: Callable = dense_update_inplace,
-                 scratch: Callable[[int, int], torch.Tensor | None] | None = None
-                 ) -> torch.Tensor:
-    """One G-SGD step of a block, in place. Returns the number of clipped carrier ratios.
-
-    ``alphas``, ``betas``, ``sums`` come from :func:`block_prepare` (checked by the caller).
-    ``bufs`` / ``bias_bufs`` are the G-space momentum buffers (None without momentum).
-    ``row_scales[l]``, where given, multiplies the G-space gradient of every output unit of
-    layer l: the paper's heuristic for BN-followed layers (batchnorm="approximate"), NOT exact.
-    ``dense`` is the phase-B kernel; ``scratch(rows, cols)`` hands it a reusable work tensor.
-    """
-    Z = carrier_potentials(ws, gs, index, sums)
-    lr, wd, max_ratio = hp[0], hp[3], hp[4]
-    rho = torch.ones_like(alphas[0])
-    clipped = torch.zeros((), dtype=torch.long, device=ws[0].device)
+def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
+                      bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
+                      bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
+                      meta: Meta, plan: tuple, hp: torch.Tensor, flags: StepFlags,
+                      row_scales: list[torch.Tensor | None] | None = None,
+                      scratch: Callable[[int, int], torch.Tensor | None] | None = None) -> None:
+    """Phase B for eager mode: :func:`dense_update_inplace` on every edge, then O(H) scatters
+    write the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer).
+    ``scratch(rows, cols)`` hands the dense pass a reusable work tensor."""
+    _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
-        ix = index[l]
-        wf, gf = w.view(-1), g.reshape(-1)
+        h_in, h_out, taps, c, th, hh = meta[l]
         buf = bufs[l]
         row_scale = None if row_scales is None else row_scales[l]
-        frozen_w = wf[ix.kap_flat]
-        next_rho = rho[ix.par_tail] if ix.head_hidden else None
-        if len(ix.car_flat):
-            # Phase A for the carriers of this layer: d = (x - Z) / v + wd * v, momentum, R.
-            wc = wf[ix.car_flat]
-            vc = alphas[l][ix.car_a] * wc * betas[l + 1][ix.car_b]
-            dc = (wc * gf[ix.car_flat] - Z[l + 1][ix.car_b]) / vc
-            if row_scale is not None:
-                dc = dc * row_scale[ix.car_b]
-            if flags.has_wd:
-                dc = dc + wd * vc
-            sc, bufc = _momentum(dc, None if buf is None else buf.view(-1)[ix.car_flat], hp,
-                                 flags)
-            ratio, n_clipped = clamp_ratio(1 - lr * sc / vc, max_ratio)
-            clipped = clipped + n_clipped
-            new_wc = wc * ratio / rho[ix.car_a]
-            next_rho = next_rho.index_put((ix.car_b,), ratio)
-        dense(w.view(ix.h_out, -1), g.reshape(ix.h_out, -1),
-              None if buf is None else buf.view(ix.h_out, -1),
-              _per_tap(1 / alphas[l], ix.taps), 1 / betas[l + 1],
-              _per_tap(1 / rho, ix.taps), hp, flags, row_scale,
-              *(() if scratch is None else (scratch(ix.h_out, ix.h_in * ix.taps),)))
-        # Phase C: frozen edges keep their weight and a zero buffer; carriers exact.
-        wf[ix.kap_flat] = frozen_w
-        if buf is not None:
-            buf.view(-1)[ix.kap_flat] = 0
-        if len(ix.car_flat):
-            wf[ix.car_flat] = new_wc
+        a = torch.arange(h_in, device=w.device)
+        b = torch.arange(h_out, device=w.device)
+        frozen_w = w[a % h_out, a, c] if th else None
+        new_par = w[b, b % h_in, c] * ratios[l] * inv_rhos[l][b % h_in] if hh else None
+        dense_update_inplace(w.view(h_out, -1), g.reshape(h_out, -1),
+                             None if buf is None else buf.view(h_out, -1),
+                             _per_tap(1 / alphas[l], taps), 1 / betas[l + 1],
+                             _per_tap(inv_rhos[l], taps), hp, flags, row_scale,
+                             *(() if scratch is None else (scratch(h_out, h_in * taps),)))
+        if hh:  # all parent edges; those that are frozen are restored just below
+            w[b, b % h_in, c] = new_par
             if buf is not None:
-                buf.view(-1)[ix.car_flat] = bufc
+                buf[b, b % h_in, c] = carrier_bufs[l]
+        if th:
+            w[a % h_out, a, c] = frozen_w
+            if buf is not None:
+                buf[a % h_out, a, c] = 0
         if bs[l] is not None:
-            # bias of node b: an edge from a bias node (rho = 1), v = b * beta(b)
-            beta = betas[l + 1]
-            db = gbs[l] / beta
-            if row_scale is not None:
-                db = db * row_scale
-            if flags.has_wd:
-                db = db + wd * bs[l] * beta
-            sb, new_bb = _momentum(db, bias_bufs[l], hp, flags)
-            if new_bb is not None:
-                bias_bufs[l].copy_(new_bb)
-            bs[l].sub_(lr * sb / beta)
-        if next_rho is not None:
-            rho = next_rho
-    return clipped
+            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
 
 
 def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
@@ -219,17 +359,27 @@ def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
 _COMPILED: dict[str, Callable] = {}
 
 
-def compiled_dense_update() -> Callable:
-    """:func:`dense_update` fused by torch.compile into one kernel per layer shape (lazily).
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` compiled by torch.compile (lazily, once per process; static shapes).
 
-    Only the dense pass is compiled: inductor's column reductions and its scatters into the
-    freshly written weights are slower than eager ``vecdot`` / ``index_put_`` here. The
-    recompile limit is raised so deep networks with many layer shapes stay compiled.
+    The recompile limit is raised so networks with many blocks (one graph each) stay compiled.
     """
-    if "dense" not in _COMPILED:
+    if fn.__name__ not in _COMPILED:
         import torch._dynamo
 
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 256)
-        _COMPILED["dense"] = torch.compile(dense_update, dynamic=False)
-    return _COMPILED["dense"]
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
+
+
+def compiled_block_plan() -> Callable:
+    """:func:`block_plan` compiled: the edge sums and the O(H) phase in a few kernels."""
+    return _compiled(block_plan)
+
+
+def compiled_block_apply() -> Callable:
+    """:func:`block_apply_masked` compiled: one pointwise kernel per layer. A separate graph
+    from the plan, so that inductor reads the plan's vectors instead of recomputing their
+    gathers inside the weight-sized loop."""
+    return _compiled(block_apply_masked)

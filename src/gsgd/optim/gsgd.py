@@ -10,11 +10,13 @@ from torch import nn
 
 from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import (
+    Meta,
     StepFlags,
-    block_prepare,
-    block_update,
-    compiled_dense_update,
-    dense_update_inplace,
+    block_apply_eager,
+    block_meta,
+    block_plan,
+    compiled_block_apply,
+    compiled_block_plan,
     hyper_tensor,
 )
 from gsgd.optim.common import (
@@ -33,6 +35,7 @@ class _BlockParams:
     index_cpu: tuple[LayerIndex, ...]
     index_cache: dict[torch.device, tuple[LayerIndex, ...]]
 
+    meta: Meta
     views_key: tuple = ()
     views: list[torch.Tensor] | None = None
 
@@ -49,6 +52,23 @@ class _BlockParams:
                           zip(self.block.layers, self.weights, strict=True)]
             self.views_key = key
         return self.views
+
+
+@dataclass
+class _Step:
+    """One block's tensors for this step and its phase-A plan (see gsgd.fused)."""
+
+    ws: list[torch.Tensor]
+    gs: list[torch.Tensor]
+    bs: list[torch.Tensor | None]
+    gbs: list[torch.Tensor | None]
+    bufs: list[torch.Tensor | None]
+    bias_bufs: list[torch.Tensor | None]
+    hp: torch.Tensor
+    flags: StepFlags
+    row_scales: list[torch.Tensor | None] | None
+    plan: tuple
+    first: bool
 
 
 class GSGD(GBlockOptimizer):
@@ -111,8 +131,10 @@ class GSGD(GBlockOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
                         on_nonfinite=on_nonfinite, compile=compile, skipped_steps=0)
         bound = self._setup("GSGD", params, defaults, model, structure, batchnorm)
-        self._blocks = [_BlockParams(block, weights, biases, block_index(block), {})
-                        for block, weights, biases, _ in bound]
+        self._blocks = []
+        for block, weights, biases, _ in bound:
+            index = block_index(block)
+            self._blocks.append(_BlockParams(block, weights, biases, index, {}, block_meta(index)))
         self._block_group = [gi for *_, gi in bound]
 
     def clip_counts(self) -> list[int]:
@@ -148,7 +170,7 @@ class GSGD(GBlockOptimizer):
         return loss
 
     def _prepare(self, bp: _BlockParams, group: dict):
-        """Views, gradients, route products, edge sums and the finite flag (None: no grad)."""
+        """Views, gradients, momentum buffers and phase A of the step (None: no gradient)."""
         if all(p.grad is None for p in bp.weights):
             return None
         ws = bp.weight_views()
@@ -160,18 +182,39 @@ class GSGD(GBlockOptimizer):
             bs.append(b)
             gbs.append(None if b is None else
                        (b.grad if b.grad is not None else torch.zeros_like(b)))
-        index = bp.index(ws[0].device)
-        alphas, betas, sums, ok = block_prepare(ws, gs, gbs, index)
-        return ws, gs, bs, gbs, index, (alphas, betas), sums, ok
+        bufs: list[torch.Tensor | None] = [None] * len(ws)
+        bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
+        first = False  # first momentum step: buffers are zero and dampening is not applied
+        if group["momentum"]:
+            first = "momentum_buffer" not in self.state[bp.weights[0]]
+            for l, (w, b) in enumerate(zip(bp.weights, bp.biases, strict=True)):
+                bufs[l] = self._buffer(w, ws[l])
+                bias_bufs[l] = None if b is None else self._buffer(b, b)
+        hp = hyper_tensor(group["lr"], group["momentum"], 0.0 if first else group["dampening"],
+                          group["weight_decay"], group["max_ratio"], ws[0])
+        flags = StepFlags(bool(group["nesterov"]), bool(group["weight_decay"]))
+        # batchnorm="approximate" (the paper's heuristic, NOT invariant): the G-space gradient
+        # of every filter of a BN-followed layer is scaled by that filter's weight norm.
+        row_scales = None
+        if any(layer.approx_bn for layer in bp.block.layers):
+            row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
+                          for layer, w in zip(bp.block.layers, ws, strict=True)]
+        plan_fn = compiled_block_plan() if group["compile"] else block_plan
+        plan = plan_fn(ws, gs, gbs, bufs, bp.meta, hp, flags, row_scales)
+        return _Step(ws, gs, bs, gbs, bufs, bias_bufs, hp, flags, row_scales, plan, first)
 
     def _all_finite(self, plans) -> bool:
         """One synchronisation: all edge sums finite, all route products finite and non-zero,
         all gradients of the plain-SGD parameters finite?"""
-        flags = [plan[-1] for _, _, plan in plans]
+        flags = [st.plan[0] for _, _, st in plans]
         flags.extend(torch.isfinite(p.grad.sum()) for p in self._plain if p.grad is not None)
         if not flags or bool(torch.stack(flags).all()):
             return True
         problem = self._find_problem(plans)
+        for bp, _, st in plans:  # no step was taken: buffers made for it are not state
+            if st.first:
+                for p in (*bp.weights, *(b for b in bp.biases if b is not None)):
+                    self.state[p].pop("momentum_buffer", None)
         if self.param_groups[0]["on_nonfinite"] == "skip":
             for group in self.param_groups:
                 group["skipped_steps"] += 1
@@ -181,7 +224,8 @@ class GSGD(GBlockOptimizer):
 
     def _find_problem(self, plans) -> str:
         """Name the first parameter with a non-finite value or a zero designated weight."""
-        for bp, _, (ws, gs, bs, gbs, index, _, _, _) in plans:
+        for bp, _, st in plans:
+            ws, gs, bs, gbs, index = st.ws, st.gs, st.bs, st.gbs, bp.index(st.ws[0].device)
             for l, layer in enumerate(bp.block.layers):
                 if not torch.isfinite(ws[l]).all():
                     return f"non-finite weight in {layer.weight}"
@@ -205,34 +249,16 @@ class GSGD(GBlockOptimizer):
                 return f"non-finite gradient for {self._names.get(id(p), '?')}"
         return "non-finite value (overflow in the sums of w * grad)"
 
-    def _update_block(self, bp: _BlockParams, group: dict, plan) -> None:
-        ws, gs, bs, gbs, index, (alphas, betas), sums, _ = plan
-        bufs: list[torch.Tensor | None] = [None] * len(ws)
-        bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
-        first = False
-        if group["momentum"]:
-            first = "momentum_buffer" not in self.state[bp.weights[0]]
-            for l, (w, b) in enumerate(zip(bp.weights, bp.biases, strict=True)):
-                bufs[l] = self._buffer(w, ws[l])
-                bias_bufs[l] = None if b is None else self._buffer(b, b)
-        hp = hyper_tensor(group["lr"], group["momentum"], group["dampening"],
-                          group["weight_decay"], group["max_ratio"], ws[0])
-        flags = StepFlags(bool(group["nesterov"]), first, bool(group["weight_decay"]))
-        # batchnorm="approximate" (the paper's heuristic, NOT invariant): the G-space gradient
-        # of every filter of a BN-followed layer is scaled by that filter's weight norm.
-        row_scales = None
-        if any(layer.approx_bn for layer in bp.block.layers):
-            row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
-                          for layer, w in zip(bp.block.layers, ws, strict=True)]
+    def _update_block(self, bp: _BlockParams, group: dict, st: _Step) -> None:
+        args = (st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.plan, st.hp,
+                st.flags, st.row_scales)
         if group["compile"]:
-            dense, scratch = compiled_dense_update(), None
+            compiled_block_apply()(*args)
         else:
-            dense, scratch = dense_update_inplace, self._scratch_for(ws[0])
-        clipped = block_update(ws, gs, bs, gbs, bufs, bias_bufs, index, alphas, betas, sums, hp,
-                               flags, row_scales, dense, scratch)
+            block_apply_eager(*args, self._scratch_for(st.ws[0]))
         state = self.state[bp.weights[0]]
         # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
-        state["clipped"] = state.get("clipped", 0) + int(clipped)
+        state["clipped"] = state.get("clipped", 0) + int(st.plan[1])
 
     def _scratch_for(self, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
         """A reusable work tensor per (rows, cols) shape: kept across steps, never saved."""
