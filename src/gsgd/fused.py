@@ -211,8 +211,9 @@ def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
 
 def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
                  beta: torch.Tensor, hp: torch.Tensor, flags: StepFlags,
-                 row_scale: torch.Tensor | None) -> None:
-    """Bias of node b, an edge from a bias node (rho = 1, v = b * beta): b -= lr * s / beta."""
+                 row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
+    """Bias of node b, an edge from a bias node (rho = 1, v = b * beta): b -= lr * s / beta.
+    Nothing changes unless ``gate`` (when given) is true."""
     lr, wd = hp[0], hp[3]
     db = gb / beta
     if row_scale is not None:
@@ -220,16 +221,22 @@ def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | Non
     if flags.has_wd:
         db = db + wd * b * beta
     sb, new_bb = _momentum(db, bias_buf, hp, flags)
+    if gate is None:
+        if new_bb is not None:
+            bias_buf.copy_(new_bb)
+        b.sub_(lr * sb / beta)
+        return
     if new_bb is not None:
-        bias_buf.copy_(new_bb)
-    b.sub_(lr * sb / beta)
+        bias_buf.copy_(torch.where(gate, new_bb, bias_buf))
+    b.copy_(torch.where(gate, b - lr * sb / beta, b))
 
 
 def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
                        bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
                        bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
                        meta: Meta, plan: tuple, hp: torch.Tensor, flags: StepFlags,
-                       row_scales: list[torch.Tensor | None] | None = None) -> None:
+                       row_scales: list[torch.Tensor | None] | None = None,
+                       gate: torch.Tensor | None = None) -> None:
     """Phase B with the frozen and carrier edges selected by predicates (the compile form).
 
     Each layer is ONE pointwise map reading w, g, buf and writing w, buf:
@@ -240,6 +247,7 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
         buf' = 0 | carrier buffer(b) | mu * buf + (1 - dampening) * d   (same cases)
 
     Eagerly this materialises masks and temporaries; compiled it is one fused kernel per layer.
+    With ``gate`` (a boolean scalar) every value is written back unchanged unless it is true.
     """
     _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
     lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
@@ -270,11 +278,35 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
             new_w = torch.where(frozen, w, new_w)
             if buf is not None:
                 new_buf = torch.where(frozen, 0, new_buf)
+        if gate is not None:
+            new_w = torch.where(gate, new_w, w)
+            new_buf = None if buf is None else torch.where(gate, new_buf, buf)
         w.copy_(new_w)
         if buf is not None:
             buf.copy_(new_buf)
         if bs[l] is not None:
-            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
+            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale, gate)
+
+
+def fused_step(blocks: list[tuple], plain_grads: list[torch.Tensor],
+               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A whole G-SGD step of several blocks as ONE function (the torch.compile form).
+
+    ``blocks``: per block ``(ws, gs, bs, gbs, bufs, bias_bufs, meta, hp, flags, row_scales)``.
+    Plans every block, then ``ok`` = every plan ok, every plain-SGD gradient finite (and
+    ``gate``), then the dense passes of all blocks, which change nothing unless ``ok``: a step
+    with a non-finite value anywhere leaves every block as it was. Returns (ok, clip counts).
+    """
+    plans = [block_plan(ws, gs, gbs, bufs, meta, hp, flags, rs)
+             for ws, gs, bs, gbs, bufs, bias_bufs, meta, hp, flags, rs in blocks]
+    flags_ok = [plan[0] for plan in plans] + [torch.isfinite(g.sum()) for g in plain_grads]
+    if gate is not None:
+        flags_ok.append(gate)
+    ok = torch.stack(flags_ok).all()
+    for (ws, gs, bs, gbs, bufs, bias_bufs, meta, hp, flags, rs), plan in zip(blocks, plans,
+                                                                           strict=True):
+        block_apply_masked(ws, gs, bs, gbs, bufs, bias_bufs, meta, plan, hp, flags, rs, ok)
+    return ok, [plan[1] for plan in plans]
 
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
@@ -356,30 +388,43 @@ def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
     return v if taps == 1 else v.repeat_interleave(taps)
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[tuple, Callable] = {}
+
+#: blocks with fewer weights than this get single-threaded compiled kernels: their O(H) work is
+#: many tiny loops, and thread barriers between them cost more than the loops themselves
+SMALL_BLOCK = 1 << 18
 
 
-def _compiled(fn: Callable) -> Callable:
+def _compiled(fn: Callable, threads: int = -1) -> Callable:
     """``fn`` compiled by torch.compile (lazily, once per process; static shapes).
 
     The recompile limit is raised so networks with many blocks (one graph each) stay compiled.
+    ``threads`` >= 1 fixes the kernels' thread count (inductor's ``cpp.threads``).
     """
-    if fn.__name__ not in _COMPILED:
+    key = (fn.__name__, threads)
+    if key not in _COMPILED:
         import torch._dynamo
 
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 256)
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
+        options = {"cpp.threads": threads} if threads >= 1 else None
+        _COMPILED[key] = torch.compile(fn, dynamic=False, options=options)
+    return _COMPILED[key]
 
 
-def compiled_block_plan() -> Callable:
-    """:func:`block_plan` compiled: the edge sums and the O(H) phase in a few kernels."""
-    return _compiled(block_plan)
+def compiled_step(weights: int) -> Callable:
+    """:func:`fused_step` compiled for blocks of ``weights`` (< SMALL_BLOCK) weights in all:
+    one graph call per optimizer step, single-threaded kernels."""
+    return _compiled(fused_step, 1 if weights < SMALL_BLOCK else -1)
 
 
-def compiled_block_apply() -> Callable:
-    """:func:`block_apply_masked` compiled: one pointwise kernel per layer. A separate graph
-    from the plan, so that inductor reads the plan's vectors instead of recomputing their
-    gathers inside the weight-sized loop."""
-    return _compiled(block_apply_masked)
+def compiled_block_plan(weights: int) -> Callable:
+    """:func:`block_plan` compiled (for blocks too large for :func:`compiled_step`)."""
+    return _compiled(block_plan, 1 if weights < SMALL_BLOCK else -1)
+
+
+def compiled_block_apply(weights: int) -> Callable:
+    """:func:`block_apply_masked` compiled: one pointwise kernel per layer. A graph of its own,
+    so that inductor reads the plan's vectors instead of recomputing them (gathers, clamps)
+    inside the weight-sized loop, which made one whole-step graph 2x slower on large blocks."""
+    return _compiled(block_apply_masked, 1 if weights < SMALL_BLOCK else -1)

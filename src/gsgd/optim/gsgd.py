@@ -10,6 +10,7 @@ from torch import nn
 
 from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import (
+    SMALL_BLOCK,
     Meta,
     StepFlags,
     block_apply_eager,
@@ -17,6 +18,7 @@ from gsgd.fused import (
     block_plan,
     compiled_block_apply,
     compiled_block_plan,
+    compiled_step,
     hyper_tensor,
 )
 from gsgd.optim.common import (
@@ -36,6 +38,7 @@ class _BlockParams:
     index_cache: dict[torch.device, tuple[LayerIndex, ...]]
 
     meta: Meta
+    size: int  # number of weights
     views_key: tuple = ()
     views: list[torch.Tensor] | None = None
 
@@ -67,8 +70,9 @@ class _Step:
     hp: torch.Tensor
     flags: StepFlags
     row_scales: list[torch.Tensor | None] | None
-    plan: tuple
     first: bool
+    plan: tuple = ()
+    clipped: torch.Tensor | int = 0
 
 
 class GSGD(GBlockOptimizer):
@@ -134,7 +138,8 @@ class GSGD(GBlockOptimizer):
         self._blocks = []
         for block, weights, biases, _ in bound:
             index = block_index(block)
-            self._blocks.append(_BlockParams(block, weights, biases, index, {}, block_meta(index)))
+            self._blocks.append(_BlockParams(block, weights, biases, index, {}, block_meta(index),
+                                             sum(w.numel() for w in weights)))
         self._block_group = [gi for *_, gi in bound]
 
     def clip_counts(self) -> list[int]:
@@ -149,16 +154,49 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = []
+        steps = []
         for bp, gi in zip(self._blocks, self._block_group, strict=True):
             group = self.param_groups[gi]
-            plan = self._prepare(bp, group)
-            if plan is not None:
-                plans.append((bp, group, plan))
-        if not self._all_finite(plans):
+            st = self._gather(bp, group)
+            if st is not None:
+                steps.append((bp, group, st))
+        compiled = [(bp, st) for bp, group, st in steps if group["compile"]]
+        size = sum(bp.size for bp, _ in compiled)
+        one_graph = bool(compiled) and size < SMALL_BLOCK
+        planned = [(bp, st, group["compile"]) for bp, group, st in steps
+                   if not (one_graph and group["compile"])]
+        for bp, st, comp in planned:
+            plan_fn = compiled_block_plan(bp.size) if comp else block_plan
+            st.plan = plan_fn(st.ws, st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
+                              st.row_scales)
+            st.clipped = st.plan[1]
+        flags = [st.plan[0] for _, st, _ in planned]
+        plain_grads = [p.grad for p in self._plain if p.grad is not None]
+        if one_graph:
+            # small blocks: ONE graph plans, checks and updates (writes only if all is finite)
+            gate = torch.stack(flags).all() if flags else None
+            blocks = [(st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.hp,
+                       st.flags, st.row_scales) for bp, st in compiled]
+            ok, clipped = compiled_step(size)(blocks, plain_grads, gate)
+            for (_, st), n in zip(compiled, clipped, strict=True):
+                st.clipped = n
+        else:
+            flags.extend(torch.isfinite(g.sum()) for g in plain_grads)
+            ok = torch.stack(flags).all() if flags else None
+        if ok is not None and not bool(ok):
+            self._refuse([(bp, st) for bp, _, st in steps])
             return loss
-        for bp, group, plan in plans:
-            self._update_block(bp, group, plan)
+        for bp, st, comp in planned:
+            args = (st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.plan,
+                    st.hp, st.flags, st.row_scales)
+            if comp:
+                compiled_block_apply(bp.size)(*args)
+            else:
+                block_apply_eager(*args, self._scratch_for(st.ws[0]))
+        for bp, _, st in steps:
+            state = self.state[bp.weights[0]]
+            # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
+            state["clipped"] = state.get("clipped", 0) + int(st.clipped)
         if self._plain:
             plain_ids = {id(p) for p in self._plain}
             for group in self.param_groups:
@@ -169,8 +207,8 @@ class GSGD(GBlockOptimizer):
                 plain_sgd_update(self, params, group)
         return loss
 
-    def _prepare(self, bp: _BlockParams, group: dict):
-        """Views, gradients, momentum buffers and phase A of the step (None: no gradient)."""
+    def _gather(self, bp: _BlockParams, group: dict) -> _Step | None:
+        """Views, gradients, momentum buffers and hyper-parameters of a block (None: no grad)."""
         if all(p.grad is None for p in bp.weights):
             return None
         ws = bp.weight_views()
@@ -199,32 +237,26 @@ class GSGD(GBlockOptimizer):
         if any(layer.approx_bn for layer in bp.block.layers):
             row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
                           for layer, w in zip(bp.block.layers, ws, strict=True)]
-        plan_fn = compiled_block_plan() if group["compile"] else block_plan
-        plan = plan_fn(ws, gs, gbs, bufs, bp.meta, hp, flags, row_scales)
-        return _Step(ws, gs, bs, gbs, bufs, bias_bufs, hp, flags, row_scales, plan, first)
+        return _Step(ws, gs, bs, gbs, bufs, bias_bufs, hp, flags, row_scales, first)
 
-    def _all_finite(self, plans) -> bool:
-        """One synchronisation: all edge sums finite, all route products finite and non-zero,
-        all gradients of the plain-SGD parameters finite?"""
-        flags = [st.plan[0] for _, _, st in plans]
-        flags.extend(torch.isfinite(p.grad.sum()) for p in self._plain if p.grad is not None)
-        if not flags or bool(torch.stack(flags).all()):
-            return True
-        problem = self._find_problem(plans)
-        for bp, _, st in plans:  # no step was taken: buffers made for it are not state
+    def _refuse(self, steps) -> None:
+        """A gradient, weight or designated route was non-finite (or a route zero): nothing was
+        written; raise naming the first problem, or count a skipped step."""
+        problem = self._find_problem(steps)
+        for bp, st in steps:  # no step was taken: buffers made for it are not state
             if st.first:
                 for p in (*bp.weights, *(b for b in bp.biases if b is not None)):
                     self.state[p].pop("momentum_buffer", None)
         if self.param_groups[0]["on_nonfinite"] == "skip":
             for group in self.param_groups:
                 group["skipped_steps"] += 1
-            return False
+            return
         raise NonFiniteError(f"GSGD: {problem}; the step was not taken "
                              "(pass on_nonfinite='skip' to skip such steps)")
 
-    def _find_problem(self, plans) -> str:
+    def _find_problem(self, steps) -> str:
         """Name the first parameter with a non-finite value or a zero designated weight."""
-        for bp, _, st in plans:
+        for bp, st in steps:
             ws, gs, bs, gbs, index = st.ws, st.gs, st.bs, st.gbs, bp.index(st.ws[0].device)
             for l, layer in enumerate(bp.block.layers):
                 if not torch.isfinite(ws[l]).all():
@@ -248,17 +280,6 @@ class GSGD(GBlockOptimizer):
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 return f"non-finite gradient for {self._names.get(id(p), '?')}"
         return "non-finite value (overflow in the sums of w * grad)"
-
-    def _update_block(self, bp: _BlockParams, group: dict, st: _Step) -> None:
-        args = (st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.plan, st.hp,
-                st.flags, st.row_scales)
-        if group["compile"]:
-            compiled_block_apply()(*args)
-        else:
-            block_apply_eager(*args, self._scratch_for(st.ws[0]))
-        state = self.state[bp.weights[0]]
-        # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
-        state["clipped"] = state.get("clipped", 0) + int(st.plan[1])
 
     def _scratch_for(self, like: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
         """A reusable work tensor per (rows, cols) shape: kept across steps, never saved."""
