@@ -12,6 +12,7 @@ of a representative edge e; frozen child edges kappa(u) are not coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +23,22 @@ Tensors = list[torch.Tensor]
 OptTensors = list[torch.Tensor | None]
 
 
-def edge_sums(weights: Tensors, grads: Tensors) -> Tensors:
+def edge_sums(weights: Tensors, grads: Tensors,
+              work: Callable[[int, int], torch.Tensor] | None = None) -> Tensors:
     """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector).
 
     Computed from the last layer to the first, so that the first layers, updated first by the
-    forward allocation sweep, are still in cache when it reaches them.
+    forward allocation sweep, are still in cache when it reaches them. ``work(rows, cols)``,
+    if given, hands out a reusable matrix for the products (no fresh weight-sized memory).
     """
     sums: Tensors = []
     for w, g in zip(reversed(weights), reversed(grads), strict=True):
         out, h_in, taps = w.shape
-        col = torch.linalg.vecdot(w.reshape(out, h_in * taps), g.reshape(out, h_in * taps), dim=0)
+        w2, g2 = w.reshape(out, h_in * taps), g.reshape(out, h_in * taps)
+        if work is None:
+            col = torch.linalg.vecdot(w2, g2, dim=0)
+        else:
+            col = torch.mul(w2, g2, out=work(out, h_in * taps)).sum(0)
         sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
     return sums[::-1]
 

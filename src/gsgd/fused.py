@@ -36,6 +36,9 @@ from gsgd.functional import clamp_ratio, edge_sums
 
 ROW_BLOCK = 8
 
+#: [lr, momentum, dampening, weight_decay, max_ratio]: a tensor (compiled) or floats (eager)
+Hyper = torch.Tensor | list[float]
+
 #: per layer (h_in, h_out, taps, centre, tail_hidden, head_hidden): static for a compiled graph
 Meta = tuple[tuple[int, int, int, int, bool, bool], ...]
 
@@ -61,27 +64,56 @@ def hyper_tensor(lr: float, momentum: float, dampening: float, weight_decay: flo
                         device=like.device)
 
 
+_STATIC: dict[tuple, object] = {}
+
+
+def _static(key: tuple, make: Callable[[], object]) -> object:
+    """Index data that depends only on the widths: traced under torch.compile (free inside a
+    kernel), built once and cached in eager mode."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in _STATIC:
+        _STATIC[key] = make()
+    return _STATIC[key]
+
+
+def _iota_mod(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(arange(n), arange(n) mod m)."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.arange(n, device=device)
+        return i, i % m
+    return _static(("iota", n, m, device), make)
+
+
 def _parents(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
     """Entries of an ``(out, in, taps)`` tensor at the parent edges pi(b) = (b, b mod h_in)."""
-    b = torch.arange(h_out, device=t.device)
-    return t[b, b % h_in, centre]
+    b, tail = _iota_mod(h_out, h_in, t.device)
+    return t[b, tail, centre]
 
 
 def _children(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
     """Entries at the child edges kappa(a) = (a mod h_out, a) (the frozen edges)."""
-    a = torch.arange(h_in, device=t.device)
-    return t[a % h_out, a, centre]
+    a, head = _iota_mod(h_in, h_out, t.device)
+    return t[head, a, centre]
 
 
 def _is_carrier(h_in: int, h_out: int, tail_hidden: bool, device: torch.device) -> torch.Tensor:
     """Per head b: is pi(b) a carrier, i.e. not also kappa of its tail (b mod h_in)?"""
-    b = torch.arange(h_out, device=device)
-    if not tail_hidden:
-        return torch.ones(h_out, dtype=torch.bool, device=device)
-    return (b % h_in) % h_out != b
+    def make() -> torch.Tensor:
+        if not tail_hidden:
+            return torch.ones(h_out, dtype=torch.bool, device=device)
+        b, tail = _iota_mod(h_out, h_in, device)
+        return tail % h_out != b
+    return _static(("carrier", h_in, h_out, tail_hidden, device), make)
 
 
-def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: torch.Tensor, flags: StepFlags
+def _numbers(hp: Hyper) -> Hyper:
+    """The hyper-parameters as Python floats in eager mode (each use of a 0-d tensor would be
+    one more small op); under torch.compile they stay a tensor (no recompile per schedule)."""
+    return hp if isinstance(hp, list) or torch.compiler.is_compiling() else hp.tolist()
+
+
+def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: Hyper, flags: StepFlags
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(step s, new buffer) of heavy-ball momentum for a small vector (torch.optim.SGD rules).
 
@@ -117,8 +149,9 @@ class Plan:
 
 
 def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.Tensor | None],
-               bufs: list[torch.Tensor | None], meta: Meta, hp: torch.Tensor, flags: StepFlags,
-               row_scales: list[torch.Tensor | None] | None = None) -> tuple:
+               bufs: list[torch.Tensor | None], meta: Meta, hp: Hyper, flags: StepFlags,
+               row_scales: list[torch.Tensor | None] | None = None,
+               work: Callable[[int, int], torch.Tensor] | None = None) -> tuple:
     """Phase A of one block (reads only). Returns :meth:`Plan.as_tuple` (a compiled graph's
     output must be a tuple).
 
@@ -127,9 +160,11 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
     carrier pi(b):  d = (x - Z(b)) / v + wd * v,  s by momentum,  R = clamp(1 - lr * s / v)
     rho(b) = R(b) at a carrier, rho(b mod h_l) otherwise                  (weight allocation)
     ``ok``: edge sums finite and every designated route finite and non-zero.
+    ``work`` (eager only): reusable matrices for the products w * g of the edge sums.
     """
     n = len(ws)
     w0 = ws[0]
+    hp = _numbers(hp)
     lr, wd, max_ratio = hp[0], hp[3], hp[4]
     par_w = [_parents(w, h_in, h_out, c) if hh else None
              for w, (h_in, h_out, _, c, _, hh) in zip(ws, meta, strict=True)]
@@ -137,17 +172,15 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
              for w, (h_in, h_out, _, c, th, _) in zip(ws, meta, strict=True)]
     alphas = [torch.ones(meta[0][0], dtype=w0.dtype, device=w0.device)]
     for l, (h_in, h_out, _, _, _, hh) in enumerate(meta):
-        b = torch.arange(h_out, device=w0.device)
-        alphas.append(alphas[l][b % h_in] * par_w[l] if hh else
+        alphas.append(alphas[l][_iota_mod(h_out, h_in, w0.device)[1]] * par_w[l] if hh else
                       torch.ones(h_out, dtype=w0.dtype, device=w0.device))
     betas = [torch.ones(meta[-1][1], dtype=w0.dtype, device=w0.device)]
     for l in range(n - 1, -1, -1):
         h_in, h_out, _, _, th, _ = meta[l]
-        a = torch.arange(h_in, device=w0.device)
-        betas.append(kap_w[l] * betas[-1][a % h_out] if th else
+        betas.append(kap_w[l] * betas[-1][_iota_mod(h_in, h_out, w0.device)[1]] if th else
                      torch.ones(h_in, dtype=w0.dtype, device=w0.device))
     betas.reverse()
-    sums = edge_sums(ws, gs) if not torch.compiler.is_compiling() else _blocked_edge_sums(ws, gs)
+    sums = _blocked_edge_sums(ws, gs) if torch.compiler.is_compiling() else edge_sums(ws, gs, work)
     totals = torch.stack([s.sum() for s in sums] + [gb.sum() for gb in gbs if gb is not None])
     routes = torch.cat(alphas + betas)
     ok = torch.isfinite(totals).all() & torch.isfinite(routes).all() & (routes != 0).all()
@@ -157,9 +190,10 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         h_in, h_out, _, c, _, hh = meta[l]
         z = sums[l] - kap_w[l] * _children(gs[l], h_in, h_out, c)
         if hh:  # kappa(a) = pi(a mod h_out) passes Z of that head on to a
-            a = torch.arange(h_in, device=w0.device)
-            head = a % h_out
-            z = z + torch.where(head % h_in == a, Z[l + 1][head], 0)
+            a, head = _iota_mod(h_in, h_out, w0.device)
+            link = _static(("link", h_in, h_out, w0.device),
+                           lambda a=a, head=head, h_in=h_in: head % h_in == a)
+            z = z + torch.where(link, Z[l + 1][head], 0)
         Z[l] = z
 
     rho = torch.ones_like(alphas[0])
@@ -173,7 +207,7 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
             ratios.append(None)
             carrier_bufs.append(None)
             continue
-        tail = torch.arange(h_out, device=w0.device) % h_in
+        tail = _iota_mod(h_out, h_in, w0.device)[1]
         car = _is_carrier(h_in, h_out, th, w0.device)
         wc = par_w[l]
         vc = alphas[l][tail] * wc * betas[l + 1]
@@ -210,7 +244,7 @@ def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
 
 
 def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
-                 beta: torch.Tensor, hp: torch.Tensor, flags: StepFlags,
+                 beta: torch.Tensor, hp: Hyper, flags: StepFlags,
                  row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
     """Bias of node b, an edge from a bias node (rho = 1, v = b * beta): b -= lr * s / beta.
     Nothing changes unless ``gate`` (when given) is true."""
@@ -234,7 +268,7 @@ def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | Non
 def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
                        bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
                        bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                       meta: Meta, plan: tuple, hp: torch.Tensor, flags: StepFlags,
+                       meta: Meta, plan: tuple, hp: Hyper, flags: StepFlags,
                        row_scales: list[torch.Tensor | None] | None = None,
                        gate: torch.Tensor | None = None) -> None:
     """Phase B with the frozen and carrier edges selected by predicates (the compile form).
@@ -311,7 +345,7 @@ def fused_step(blocks: list[tuple], plain_grads: list[torch.Tensor],
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                          inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
-                         hp: torch.Tensor, flags: StepFlags,
+                         hp: Hyper, flags: StepFlags,
                          row_scale: torch.Tensor | None = None,
                          scratch: torch.Tensor | None = None) -> None:
     """The non-carrier update of phase B for a layer as an ``(out, in * taps)`` matrix, in place.
@@ -325,7 +359,7 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
     straight into the momentum buffer. Fresh weight-sized temporaries cost page faults that
     made each pass several times slower than an in-place one.
     """
-    lr, mu, damp, wd, _ = hp.tolist()
+    lr, mu, damp, wd, _ = _numbers(hp)
     inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
         else torch.outer(inv_beta, inv_alpha)
     if buf is not None and row_scale is None and not flags.nesterov:
@@ -351,34 +385,35 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
 def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
                       bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
                       bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                      meta: Meta, plan: tuple, hp: torch.Tensor, flags: StepFlags,
+                      meta: Meta, plan: tuple, hp: Hyper, flags: StepFlags,
                       row_scales: list[torch.Tensor | None] | None = None,
                       scratch: Callable[[int, int], torch.Tensor | None] | None = None) -> None:
     """Phase B for eager mode: :func:`dense_update_inplace` on every edge, then O(H) scatters
     write the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer).
     ``scratch(rows, cols)`` hands the dense pass a reusable work tensor."""
+    hp = _numbers(hp)
     _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         h_in, h_out, taps, c, th, hh = meta[l]
         buf = bufs[l]
         row_scale = None if row_scales is None else row_scales[l]
-        a = torch.arange(h_in, device=w.device)
-        b = torch.arange(h_out, device=w.device)
-        frozen_w = w[a % h_out, a, c] if th else None
-        new_par = w[b, b % h_in, c] * ratios[l] * inv_rhos[l][b % h_in] if hh else None
+        a, head = _iota_mod(h_in, h_out, w.device)
+        b, tail = _iota_mod(h_out, h_in, w.device)
+        frozen_w = w[head, a, c] if th else None
+        new_par = w[b, tail, c] * ratios[l] * inv_rhos[l][tail] if hh else None
         dense_update_inplace(w.view(h_out, -1), g.reshape(h_out, -1),
                              None if buf is None else buf.view(h_out, -1),
                              _per_tap(1 / alphas[l], taps), 1 / betas[l + 1],
                              _per_tap(inv_rhos[l], taps), hp, flags, row_scale,
                              *(() if scratch is None else (scratch(h_out, h_in * taps),)))
         if hh:  # all parent edges; those that are frozen are restored just below
-            w[b, b % h_in, c] = new_par
+            w[b, tail, c] = new_par
             if buf is not None:
-                buf[b, b % h_in, c] = carrier_bufs[l]
+                buf[b, tail, c] = carrier_bufs[l]
         if th:
-            w[a % h_out, a, c] = frozen_w
+            w[head, a, c] = frozen_w
             if buf is not None:
-                buf[a % h_out, a, c] = 0
+                buf[head, a, c] = 0
         if bs[l] is not None:
             _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
 

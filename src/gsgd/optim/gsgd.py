@@ -166,9 +166,12 @@ class GSGD(GBlockOptimizer):
         planned = [(bp, st, group["compile"]) for bp, group, st in steps
                    if not (one_graph and group["compile"])]
         for bp, st, comp in planned:
-            plan_fn = compiled_block_plan(bp.size) if comp else block_plan
-            st.plan = plan_fn(st.ws, st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
-                              st.row_scales)
+            if comp:
+                st.plan = compiled_block_plan(bp.size)(st.ws, st.gs, st.gbs, st.bufs, bp.meta,
+                                                       st.hp, st.flags, st.row_scales)
+            else:
+                st.plan = block_plan(st.ws, st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
+                                     st.row_scales, self._scratch_for(st.ws[0]))
             st.clipped = st.plan[1]
         flags = [st.plan[0] for _, st, _ in planned]
         plain_grads = [p.grad for p in self._plain if p.grad is not None]
