@@ -1,4 +1,6 @@
-"""The torch.compile path of GSGD (compile=True) takes the same step as the eager path."""
+"""The torch.compile path of GSGD (compile=True) takes the same steps as the eager path and the
+brute-force oracle, in both of its forms (one graph per step for small blocks; a plan graph and
+an apply graph per block for large ones), and refuses non-finite steps without writing."""
 
 import copy
 
@@ -7,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsgd import GSGD, discover, skeleton_init
+from conftest import block_tensors, centres
+from gsgd import GSGD, discover, fused, skeleton_init
+from gsgd.bruteforce import oracle_step
+from gsgd.optim import NonFiniteError
 
 
 def _net() -> nn.Module:
@@ -18,24 +23,115 @@ def _net() -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("hp", [dict(momentum=0.9, weight_decay=1e-3),
-                                dict(momentum=0.9, nesterov=True),
-                                dict(momentum=0.0)])
-def test_compiled_dense_pass_takes_the_same_steps_as_the_eager_path(hp):
-    eager_net = _net()
+class _TwoBlocks(nn.Module):
+    """A residual add ends a chain: two G-blocks, plus plain parameters (stem and head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Linear(6, 5)
+        self.a1, self.a2 = nn.Linear(5, 7), nn.Linear(7, 5)
+        self.b1, self.b2 = nn.Linear(5, 4, bias=False), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.a2(F.relu(self.a1(F.relu(h))))
+        return self.b2(F.relu(self.b1(h)))
+
+
+def _two_blocks() -> nn.Module:
+    net = _TwoBlocks().double()
+    skeleton_init(net, discover(net))
+    return net
+
+
+def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, shape: tuple[int, ...],
+           classes: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(8, *shape, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, classes, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+@pytest.fixture(params=["one graph", "plan + apply graphs"])
+def graph_form(request, monkeypatch):
+    """Both compiled forms: SMALL_BLOCK decides which one a block of a given size takes."""
+    monkeypatch.setattr(fused, "SMALL_BLOCK", 1 << 30 if request.param == "one graph" else 0)
+    return request.param
+
+
+NET = (_net, (2, 4, 4), 3)
+CASES = [(*NET, dict(momentum=0.9, weight_decay=1e-3)),
+         (*NET, dict(momentum=0.9, nesterov=True)),
+         (*NET, dict(momentum=0.8, dampening=0.3)),
+         (*NET, dict(momentum=0.0)),
+         (_two_blocks, (6,), 3, dict(momentum=0.9, weight_decay=1e-3))]
+
+
+@pytest.mark.parametrize("make, shape, classes, hp", CASES)
+def test_compiled_step_equals_the_eager_step(graph_form, make, shape, classes, hp):
+    eager_net = make()
     compiled_net = copy.deepcopy(eager_net)
     eager = GSGD(eager_net, lr=0.05, **hp)
-    fused = GSGD(compiled_net, lr=0.05, compile=True, **hp)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        x = torch.randn(8, 2, 4, 4, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 3, (8,), generator=gen)
-        for net, opt in ((eager_net, eager), (compiled_net, fused)):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
+    fused_opt = GSGD(compiled_net, lr=0.05, compile=True, **hp)
+    _train(eager_net, eager, 4, shape, classes)
+    _train(compiled_net, fused_opt, 4, shape, classes)
     changed = False
     for (name, p), q in zip(eager_net.named_parameters(), compiled_net.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
-        changed = changed or not torch.equal(p, _net().get_parameter(name))
+        changed = changed or not torch.equal(p, make().get_parameter(name))
     assert changed, "the steps must actually move the weights"
+    assert fused_opt.clip_counts() == eager.clip_counts()
+    for p in eager_net.parameters():
+        if "momentum_buffer" in eager.state[p]:
+            q = dict(compiled_net.named_parameters())[
+                next(n for n, r in eager_net.named_parameters() if r is p)]
+            torch.testing.assert_close(fused_opt.state[q]["momentum_buffer"],
+                                       eager.state[p]["momentum_buffer"], rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_step_equals_the_brute_force_oracle(graph_form):
+    """One plain G-SGD step of the conv chain (float64) against the oracle's path-space step."""
+    net = _net()
+    block = discover(net).blocks[0]
+    x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(net(x), y).backward()
+    named = dict(net.named_parameters())
+    ws, bs = block_tensors(net, block)
+    gs, gbs = block_tensors(net, block, grads=True)
+    expected_w, expected_b = oracle_step(ws, bs, gs, gbs, 1e-3, centres(block))
+    GSGD(net, lr=1e-3, compile=True).step()
+    for layer, ew, eb in zip(block.layers, expected_w, expected_b, strict=True):
+        torch.testing.assert_close(named[layer.weight].detach().view_as(ew), ew, rtol=1e-9,
+                                   atol=1e-12)
+        torch.testing.assert_close(named[layer.bias].detach(), eb, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["a2.weight", "stem.weight", "b2.bias"])
+def test_compiled_step_with_a_non_finite_gradient_writes_nothing(graph_form, where):
+    """A NaN anywhere (a G-block weight, a plain parameter, a bias) stops the whole step: every
+    block is left exactly as it was, momentum buffers included; skip mode counts the step."""
+    net = _two_blocks()
+    opt = GSGD(net, lr=0.05, momentum=0.9, compile=True, on_nonfinite="skip")
+    _train(net, opt, 2, (6,), 3)
+    before = copy.deepcopy(net)
+    before_state = copy.deepcopy(opt.state_dict()["state"])
+    x = torch.randn(8, 6, dtype=torch.float64)
+    opt.zero_grad()
+    F.cross_entropy(net(x), torch.zeros(8, dtype=torch.long)).backward()
+    net.get_parameter(where).grad.view(-1)[0] = float("nan")
+    opt.step()
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    for (name, p), q in zip(net.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    for k, entry in before_state.items():
+        for key, value in entry.items():
+            after = opt.state_dict()["state"][k][key]
+            assert torch.equal(after, value) if torch.is_tensor(value) else after == value
+    opt.param_groups[0]["on_nonfinite"] = "raise"
+    with pytest.raises(NonFiniteError, match=where.replace(".", r"\.")):
+        opt.step()

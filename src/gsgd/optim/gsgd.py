@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gsgd import fused
 from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import (
-    SMALL_BLOCK,
     Meta,
     StepFlags,
     block_apply_eager,
@@ -162,7 +162,7 @@ class GSGD(GBlockOptimizer):
                 steps.append((bp, group, st))
         compiled = [(bp, st) for bp, group, st in steps if group["compile"]]
         size = sum(bp.size for bp, _ in compiled)
-        one_graph = bool(compiled) and size < SMALL_BLOCK
+        one_graph = bool(compiled) and size < fused.SMALL_BLOCK
         planned = [(bp, st, group["compile"]) for bp, group, st in steps
                    if not (one_graph and group["compile"])]
         for bp, st, comp in planned:
