@@ -103,12 +103,14 @@ def summarise(times: list[float]) -> dict:
 
 
 def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
-               lr: float | None, momentum: float) -> dict:
+               lr: float | None, momentum: float, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     base = case.build()
     skeleton_init(base, discover(base))
-    x = torch.randn(case.batch, *case.input_shape)
-    y = torch.randint(0, case.classes, (case.batch,))
+    base = base.to(device)
+    x = torch.randn(case.batch, *case.input_shape, device=device)
+    y = torch.randint(0, case.classes, (case.batch,), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = {}
     for m in methods:
         model = copy.deepcopy(base)
@@ -121,12 +123,15 @@ def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
 
     def iteration(r: dict, timed: str | None) -> None:
         model, opt = r["model"], r["opt"]
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
+        sync()
         t1 = time.perf_counter()
         opt.step()
+        sync()
         t2 = time.perf_counter()
         if timed:
             r["step"].append(t2 - t1)
@@ -179,12 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="default: per model (1e-3 MLPs, "
                     "1e-5 CNNs)")
     ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise)")
     ap.add_argument("--json", default="benchmarks/results/step_cost.json")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
     if methods[0] != "sgd":
         methods = ["sgd"] + [m for m in methods if m != "sgd"]
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                "machine": platform.processor() or platform.machine(), "lr": args.lr,
                "momentum": args.momentum, "repeats": args.repeats, "cases": []}
     for key in args.models.split(","):
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown model {key!r}; choose from {sorted(CASES)}")
         try:
             res = bench_case(CASES[key], methods, args.repeats, args.warmup, args.lr,
-                             args.momentum)
+                             args.momentum, args.device)
         except ImportError as exc:
             print(f"skipping {key}: {exc}", file=sys.stderr)
             continue

@@ -135,3 +135,25 @@ def test_compiled_step_with_a_non_finite_gradient_writes_nothing(graph_form, whe
     opt.param_groups[0]["on_nonfinite"] = "raise"
     with pytest.raises(NonFiniteError, match=where.replace(".", r"\.")):
         opt.step()
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_step_with_a_warning(graph_form,
+                                                                        monkeypatch):
+    def no_compiler(fn, threads=-1):
+        def fail(*args, **kwargs):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(fused, "_compiled", no_compiler)
+    eager_net = _net()
+    compiled_net = copy.deepcopy(eager_net)
+    eager = GSGD(eager_net, lr=0.05, momentum=0.9, dampening=0.2)
+    fallback = GSGD(compiled_net, lr=0.05, momentum=0.9, dampening=0.2, compile=True)
+    _train(eager_net, eager, 1, (2, 4, 4), 3)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found.*eager step"):
+        _train(compiled_net, fallback, 1, (2, 4, 4), 3)
+    _train(eager_net, eager, 2, (2, 4, 4), 3)
+    _train(compiled_net, fallback, 2, (2, 4, 4), 3)
+    assert fallback.param_groups[0]["compile"] is False
+    for p, q in zip(eager_net.parameters(), compiled_net.parameters(), strict=True):
+        assert torch.equal(p, q)  # the same eager steps, first-step momentum rule included

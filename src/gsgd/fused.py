@@ -85,16 +85,32 @@ def _iota_mod(n: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch
     return _static(("iota", n, m, device), make)
 
 
+def _parent_index(h_in: int, h_out: int, taps: int, centre: int,
+                  device: torch.device) -> torch.Tensor:
+    """Flat positions of the parent edges pi(b) = (b, b mod h_in, centre) in ``(out, in, taps)``."""
+    def make() -> torch.Tensor:
+        b, tail = _iota_mod(h_out, h_in, device)
+        return (b * h_in + tail) * taps + centre
+    return _static(("parent", h_in, h_out, taps, centre, device), make)
+
+
+def _child_index(h_in: int, h_out: int, taps: int, centre: int,
+                 device: torch.device) -> torch.Tensor:
+    """Flat positions of the child edges kappa(a) = (a mod h_out, a, centre) (frozen edges)."""
+    def make() -> torch.Tensor:
+        a, head = _iota_mod(h_in, h_out, device)
+        return (head * h_in + a) * taps + centre
+    return _static(("child", h_in, h_out, taps, centre, device), make)
+
+
 def _parents(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
-    """Entries of an ``(out, in, taps)`` tensor at the parent edges pi(b) = (b, b mod h_in)."""
-    b, tail = _iota_mod(h_out, h_in, t.device)
-    return t[b, tail, centre]
+    """Entries of an ``(out, in, taps)`` tensor at the parent edges."""
+    return t.reshape(-1)[_parent_index(h_in, h_out, t.shape[-1], centre, t.device)]
 
 
 def _children(t: torch.Tensor, h_in: int, h_out: int, centre: int) -> torch.Tensor:
-    """Entries at the child edges kappa(a) = (a mod h_out, a) (the frozen edges)."""
-    a, head = _iota_mod(h_in, h_out, t.device)
-    return t[head, a, centre]
+    """Entries of an ``(out, in, taps)`` tensor at the child edges."""
+    return t.reshape(-1)[_child_index(h_in, h_out, t.shape[-1], centre, t.device)]
 
 
 def _is_carrier(h_in: int, h_out: int, tail_hidden: bool, device: torch.device) -> torch.Tensor:
@@ -191,9 +207,9 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         z = sums[l] - kap_w[l] * _children(gs[l], h_in, h_out, c)
         if hh:  # kappa(a) = pi(a mod h_out) passes Z of that head on to a
             a, head = _iota_mod(h_in, h_out, w0.device)
-            link = _static(("link", h_in, h_out, w0.device),
-                           lambda a=a, head=head, h_in=h_in: head % h_in == a)
-            z = z + torch.where(link, Z[l + 1][head], 0)
+            unlinked = _static(("unlinked", h_in, h_out, w0.device),
+                               lambda a=a, head=head, h_in=h_in: head % h_in != a)
+            z = z + Z[l + 1][head].masked_fill(unlinked, 0)
         Z[l] = z
 
     rho = torch.ones_like(alphas[0])
@@ -218,10 +234,11 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
             dc = dc + wd * vc
         old = None if bufs[l] is None else _parents(bufs[l], h_in, h_out, c)
         sc, bufc = _momentum(dc, old, hp, flags)
-        ratio, n_clipped = clamp_ratio(torch.where(car, 1 - lr * sc / vc, 1), max_ratio)
+        not_car = _static(("not carrier", h_in, h_out, th, w0.device), lambda car=car: ~car)
+        ratio, n_clipped = clamp_ratio((1 - lr * sc / vc).masked_fill(not_car, 1), max_ratio)
         clipped = clipped + n_clipped
         ratios.append(ratio)
-        carrier_bufs.append(None if bufc is None else torch.where(car, bufc, 0))
+        carrier_bufs.append(None if bufc is None else bufc.masked_fill(not_car, 0))
         rho = torch.where(car, ratio, rho[tail])
     return Plan(ok, clipped, alphas, betas, inv_rhos, ratios, carrier_bufs).as_tuple()
 
@@ -397,23 +414,26 @@ def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
         h_in, h_out, taps, c, th, hh = meta[l]
         buf = bufs[l]
         row_scale = None if row_scales is None else row_scales[l]
-        a, head = _iota_mod(h_in, h_out, w.device)
-        b, tail = _iota_mod(h_out, h_in, w.device)
-        frozen_w = w[head, a, c] if th else None
-        new_par = w[b, tail, c] * ratios[l] * inv_rhos[l][tail] if hh else None
+        wf = w.view(-1)
+        bf = None if buf is None else buf.view(-1)
+        kap = _child_index(h_in, h_out, taps, c, w.device) if th else None
+        par = _parent_index(h_in, h_out, taps, c, w.device) if hh else None
+        frozen_w = wf[kap] if th else None
+        if hh:
+            new_par = wf[par] * ratios[l] * inv_rhos[l][_iota_mod(h_out, h_in, w.device)[1]]
         dense_update_inplace(w.view(h_out, -1), g.reshape(h_out, -1),
                              None if buf is None else buf.view(h_out, -1),
                              _per_tap(1 / alphas[l], taps), 1 / betas[l + 1],
                              _per_tap(inv_rhos[l], taps), hp, flags, row_scale,
                              *(() if scratch is None else (scratch(h_out, h_in * taps),)))
         if hh:  # all parent edges; those that are frozen are restored just below
-            w[b, tail, c] = new_par
-            if buf is not None:
-                buf[b, tail, c] = carrier_bufs[l]
+            wf[par] = new_par
+            if bf is not None:
+                bf[par] = carrier_bufs[l]
         if th:
-            w[head, a, c] = frozen_w
-            if buf is not None:
-                buf[head, a, c] = 0
+            wf[kap] = frozen_w
+            if bf is not None:
+                bf[kap] = 0
         if bs[l] is not None:
             _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -73,6 +74,10 @@ class _Step:
     first: bool
     plan: tuple = ()
     clipped: torch.Tensor | int = 0
+
+
+class _CompileFailed(RuntimeError):
+    """torch.compile could not build the step; GSGD falls back to the eager step."""
 
 
 class GSGD(GBlockOptimizer):
@@ -154,6 +159,28 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            taken = self._block_step()
+        except _CompileFailed as exc:
+            warnings.warn(f"GSGD(compile=True): torch.compile failed ({exc}); falling back to "
+                          "the eager step (compile=False)", RuntimeWarning, stacklevel=2)
+            for group in self.param_groups:
+                group["compile"] = False
+            taken = self._block_step()
+        if not taken:
+            return loss
+        if self._plain:
+            plain_ids = {id(p) for p in self._plain}
+            for group in self.param_groups:
+                params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
+                for p in params:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"GSGD: sparse gradient for {self._names.get(id(p))}")
+                plain_sgd_update(self, params, group)
+        return loss
+
+    def _block_step(self) -> bool:
+        """The G-SGD step of every block; False if it was refused (non-finite, skip mode)."""
         steps = []
         for bp, gi in zip(self._blocks, self._block_group, strict=True):
             group = self.param_groups[gi]
@@ -165,10 +192,12 @@ class GSGD(GBlockOptimizer):
         one_graph = bool(compiled) and size < fused.SMALL_BLOCK
         planned = [(bp, st, group["compile"]) for bp, group, st in steps
                    if not (one_graph and group["compile"])]
+        all_steps = [(bp, st) for bp, _, st in steps]
         for bp, st, comp in planned:
             if comp:
-                st.plan = compiled_block_plan(bp.size)(st.ws, st.gs, st.gbs, st.bufs, bp.meta,
-                                                       st.hp, st.flags, st.row_scales)
+                st.plan = self._compiled_call(all_steps, compiled_block_plan(bp.size), st.ws,
+                                              st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
+                                              st.row_scales)
             else:
                 st.plan = block_plan(st.ws, st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
                                      st.row_scales, self._scratch_for(st.ws[0]))
@@ -180,35 +209,50 @@ class GSGD(GBlockOptimizer):
             gate = torch.stack(flags).all() if flags else None
             blocks = [(st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.hp,
                        st.flags, st.row_scales) for bp, st in compiled]
-            ok, clipped = compiled_step(size)(blocks, plain_grads, gate)
+            ok, clipped = self._compiled_call(all_steps, compiled_step(size), blocks,
+                                              plain_grads, gate)
             for (_, st), n in zip(compiled, clipped, strict=True):
                 st.clipped = n
         else:
             flags.extend(torch.isfinite(g.sum()) for g in plain_grads)
             ok = torch.stack(flags).all() if flags else None
         if ok is not None and not bool(ok):
-            self._refuse([(bp, st) for bp, _, st in steps])
-            return loss
+            self._refuse(all_steps)
+            return False
         for bp, st, comp in planned:
             args = (st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.plan,
                     st.hp, st.flags, st.row_scales)
             if comp:
-                compiled_block_apply(bp.size)(*args)
+                self._compiled_call(all_steps, compiled_block_apply(bp.size), *args)
             else:
                 block_apply_eager(*args, self._scratch_for(st.ws[0]))
-        for bp, _, st in steps:
+        for bp, st in all_steps:
             state = self.state[bp.weights[0]]
             # a Python int: load_state_dict would cast a tensor counter to the parameter's dtype
             state["clipped"] = state.get("clipped", 0) + int(st.clipped)
-        if self._plain:
-            plain_ids = {id(p) for p in self._plain}
-            for group in self.param_groups:
-                params = [p for p in group["params"] if id(p) in plain_ids and p.grad is not None]
-                for p in params:
-                    if p.grad.is_sparse:
-                        raise ValueError(f"GSGD: sparse gradient for {self._names.get(id(p))}")
-                plain_sgd_update(self, params, group)
-        return loss
+        return True
+
+    def _compiled_call(self, steps, fn: Callable, *args):
+        """Call a compiled graph. Until one has run, a failure to compile (no C++ compiler,
+        an unsupported backend) forgets this step's new buffers and raises _CompileFailed, so
+        that the step is redone eagerly (nothing has been written: graphs compile first)."""
+        if self.__dict__.get("_compile_works"):
+            return fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            self._forget_new_buffers(steps)
+            raise _CompileFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
+                from exc
+        self._compile_works = True
+        return out
+
+    def _forget_new_buffers(self, steps) -> None:
+        """Drop momentum buffers made for a step that was not taken (they are not state)."""
+        for bp, st in steps:
+            if st.first:
+                for p in (*bp.weights, *(b for b in bp.biases if b is not None)):
+                    self.state[p].pop("momentum_buffer", None)
 
     def _gather(self, bp: _BlockParams, group: dict) -> _Step | None:
         """Views, gradients, momentum buffers and hyper-parameters of a block (None: no grad)."""
@@ -246,10 +290,7 @@ class GSGD(GBlockOptimizer):
         """A gradient, weight or designated route was non-finite (or a route zero): nothing was
         written; raise naming the first problem, or count a skipped step."""
         problem = self._find_problem(steps)
-        for bp, st in steps:  # no step was taken: buffers made for it are not state
-            if st.first:
-                for p in (*bp.weights, *(b for b in bp.biases if b is not None)):
-                    self.state[p].pop("momentum_buffer", None)
+        self._forget_new_buffers(steps)
         if self.param_groups[0]["on_nonfinite"] == "skip":
             for group in self.param_groups:
                 group["skipped_steps"] += 1
