@@ -119,7 +119,7 @@ def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
         except ImportError as exc:
             print(f"  skipping {m}: {exc}", file=sys.stderr)
             continue
-        runs[m] = {"model": model, "opt": opt, "step": [], "iter": []}
+        runs[m] = {"model": model, "opt": opt, "step": [], "iter": [], "fwdbwd": []}
 
     def iteration(r: dict, timed: str | None) -> None:
         model, opt = r["model"], r["opt"]
@@ -136,6 +136,7 @@ def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
         if timed:
             r["step"].append(t2 - t1)
             r["iter"].append(t2 - t0)
+            r["fwdbwd"].append(t1 - t0)
 
     for i in range(warmup + repeats):
         for r in runs.values():  # interleaved: A B C D A B C D ...
@@ -145,7 +146,7 @@ def bench_case(case: ModelCase, methods: list[str], repeats: int, warmup: int,
     for m, r in runs.items():
         step, it = summarise(r["step"]), summarise(r["iter"])
         out["methods"][m] = {
-            "step": step, "iteration": it,
+            "step": step, "iteration": it, "forward_backward": summarise(r["fwdbwd"]),
             "step_ratio": step["median_ms"] / summarise(ref["step"])["median_ms"],
             "iteration_ratio": it["median_ms"] / summarise(ref["iter"])["median_ms"],
             "state_bytes": state_bytes(r["opt"]),

@@ -139,7 +139,10 @@ def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: Hyper, flags: StepF
     if old is None:
         return d, None
     mu, damp = hp[1], hp[2]
-    new = mu * old + (1 - damp) * d
+    if isinstance(hp, list):  # eager: two ops
+        new = (d * (1 - damp)).add_(old, alpha=mu)
+    else:
+        new = mu * old + (1 - damp) * d
     return (d + mu * new if flags.nesterov else new), new
 
 
@@ -218,7 +221,7 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
     ratios: list[torch.Tensor | None] = []
     carrier_bufs: list[torch.Tensor | None] = []
     for l, (h_in, h_out, _, c, th, hh) in enumerate(meta):
-        inv_rhos.append(1 / rho)
+        inv_rhos.append(rho.reciprocal())
         if not hh:
             ratios.append(None)
             carrier_bufs.append(None)
@@ -423,7 +426,7 @@ def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
             new_par = wf[par] * ratios[l] * inv_rhos[l][_iota_mod(h_out, h_in, w.device)[1]]
         dense_update_inplace(w.view(h_out, -1), g.reshape(h_out, -1),
                              None if buf is None else buf.view(h_out, -1),
-                             _per_tap(1 / alphas[l], taps), 1 / betas[l + 1],
+                             _per_tap(alphas[l].reciprocal(), taps), betas[l + 1].reciprocal(),
                              _per_tap(inv_rhos[l], taps), hp, flags, row_scale,
                              *(() if scratch is None else (scratch(h_out, h_in * taps),)))
         if hh:  # all parent edges; those that are frozen are restored just below

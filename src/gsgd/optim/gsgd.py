@@ -110,9 +110,13 @@ class GSGD(GBlockOptimizer):
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` naming the parameter
             when a gradient, weight or designated route is non-finite or zero; ``"skip"`` skips
             the whole step instead and counts it in ``param_groups[i]["skipped_steps"]``.
-        compile: fuse the dense per-layer update with ``torch.compile`` (one kernel reading
-            w, g, buf and writing w, buf; compiled lazily on the first step). Same result as the
-            eager path to rounding.
+        compile: build the step with ``torch.compile`` (lazily, on the first step: seconds to
+            tens of seconds once per process and shape). Each layer's update becomes one kernel
+            reading w, g, buf and writing w, buf, and the O(H) work a few kernels: the fast path
+            (about 1.6x a torch SGD step on a 784-1000x3-10 MLP on CPU, against 3x eagerly).
+            Small blocks (< ``gsgd.fused.SMALL_BLOCK`` weights in all) run as ONE
+            single-threaded graph per step. Same result as the eager path to rounding; if
+            compiling fails (no C++ compiler, say) it warns and takes the eager step.
         model, structure: where the G-blocks come from when ``params`` is not a module.
         batchnorm: for models with batch norm, passed to :func:`gsgd.discover`: ``"exact"``
             (G-blocks [BN affine, next layer]; invariant) or ``"approximate"`` (the paper's
