@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,6 +43,31 @@ class _BlockParams:
     size: int  # number of weights
     views_key: tuple = ()
     views: list[torch.Tensor] | None = None
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def approx_bn(self) -> bool:
+        return any(layer.approx_bn for layer in self.block.layers)
+
+    def cached(self, name: str, sources: list, make: Callable[[], object],
+               by_value: bool = False) -> object:
+        """``make()``, reused while ``sources`` are the same objects (weakly referenced, so a
+        cache never keeps a freed gradient alive) or, ``by_value``, equal values."""
+        entry = self.cache.get(name)
+        if entry is not None:
+            refs, value = entry
+            if by_value:
+                if refs == sources:
+                    return value
+            elif len(refs) == len(sources) and all(
+                    (r is None and s is None) or (r is not None and r() is s)
+                    for r, s in zip(refs, sources, strict=True)):
+                return value
+        value = make()
+        refs = list(sources) if by_value else [None if t is None else weakref.ref(t)
+                                               for t in sources]
+        self.cache[name] = (refs, value)
+        return value
 
     def index(self, device: torch.device) -> tuple[LayerIndex, ...]:
         if device not in self.index_cache:
@@ -259,36 +285,51 @@ class GSGD(GBlockOptimizer):
                     self.state[p].pop("momentum_buffer", None)
 
     def _gather(self, bp: _BlockParams, group: dict) -> _Step | None:
-        """Views, gradients, momentum buffers and hyper-parameters of a block (None: no grad)."""
-        if all(p.grad is None for p in bp.weights):
+        """Views, gradients, momentum buffers and hyper-parameters of a block (None: no grad).
+        Views are cached per block and rebuilt only when the tensors behind them change."""
+        grads = [w.grad for w in bp.weights]
+        if all(g is None for g in grads):
             return None
         ws = bp.weight_views()
-        gs, bs, gbs = [], [], []
-        for layer, w, view, b in zip(bp.block.layers, bp.weights, ws, bp.biases, strict=True):
-            if w.grad is not None and w.grad.is_sparse:
-                raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
-            gs.append(w.grad.view(view.shape) if w.grad is not None else torch.zeros_like(view))
-            bs.append(b)
-            gbs.append(None if b is None else
-                       (b.grad if b.grad is not None else torch.zeros_like(b)))
+        gs = bp.cached("grads", grads, lambda: self._grad_views(bp, grads, ws))
+        bias_grads = [None if b is None else b.grad for b in bp.biases]
+        gbs = bp.cached("bias grads", bias_grads, lambda: [
+            None if b is None else (g if g is not None else torch.zeros_like(b))
+            for b, g in zip(bp.biases, bias_grads, strict=True)])
         bufs: list[torch.Tensor | None] = [None] * len(ws)
         bias_bufs: list[torch.Tensor | None] = [None] * len(ws)
         first = False  # first momentum step: buffers are zero and dampening is not applied
         if group["momentum"]:
             first = "momentum_buffer" not in self.state[bp.weights[0]]
-            for l, (w, b) in enumerate(zip(bp.weights, bp.biases, strict=True)):
-                bufs[l] = self._buffer(w, ws[l])
-                bias_bufs[l] = None if b is None else self._buffer(b, b)
-        hp = hyper_tensor(group["lr"], group["momentum"], 0.0 if first else group["dampening"],
-                          group["weight_decay"], group["max_ratio"], ws[0])
+            params = (*bp.weights, *bp.biases)
+            sources = [None if p is None else self._buffer(p) for p in params]
+            views = bp.cached("buffers", sources, lambda: [
+                None if t is None else t.view(like.shape)
+                for t, like in zip(sources, (*ws, *bp.biases), strict=True)])
+            bufs, bias_bufs = views[:len(ws)], views[len(ws):]
+        values = (group["lr"], group["momentum"], 0.0 if first else group["dampening"],
+                  group["weight_decay"], group["max_ratio"])
+        hp = bp.cached("hyper-parameters", [*values, ws[0].dtype, ws[0].device],
+                       lambda: hyper_tensor(*values, ws[0]), by_value=True)
         flags = StepFlags(bool(group["nesterov"]), bool(group["weight_decay"]))
         # batchnorm="approximate" (the paper's heuristic, NOT invariant): the G-space gradient
         # of every filter of a BN-followed layer is scaled by that filter's weight norm.
         row_scales = None
-        if any(layer.approx_bn for layer in bp.block.layers):
+        if bp.approx_bn:
             row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
                           for layer, w in zip(bp.block.layers, ws, strict=True)]
-        return _Step(ws, gs, bs, gbs, bufs, bias_bufs, hp, flags, row_scales, first)
+        return _Step(ws, gs, list(bp.biases), gbs, bufs, bias_bufs, hp, flags, row_scales,
+                     first)
+
+    @staticmethod
+    def _grad_views(bp: _BlockParams, grads: list, ws: list[torch.Tensor]
+                    ) -> list[torch.Tensor]:
+        views = []
+        for layer, g, w in zip(bp.block.layers, grads, ws, strict=True):
+            if g is not None and g.is_sparse:
+                raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
+            views.append(torch.zeros_like(w) if g is None else g.view(w.shape))
+        return views
 
     def _refuse(self, steps) -> None:
         """A gradient, weight or designated route was non-finite (or a route zero): nothing was
@@ -340,12 +381,12 @@ class GSGD(GBlockOptimizer):
             return pool[key]
         return get
 
-    def _buffer(self, p: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
-        """The G-space momentum buffer of p, shaped like ``like`` (zeros when new)."""
+    def _buffer(self, p: nn.Parameter) -> torch.Tensor:
+        """The G-space momentum buffer of p (zeros when new)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return state["momentum_buffer"].view_as(like)
+        return state["momentum_buffer"]
 
 
 def _unravel(flat: int, shape: torch.Size) -> tuple[int, int, int]:
