@@ -46,6 +46,19 @@ def chain_net(widths: Sequence[int], bias: bool | Sequence[bool] = True,
     return net
 
 
+def conv_chain_net() -> nn.Module:
+    """A tiny conv -> flatten -> Linear chain (one G-block, biases everywhere), float64, from
+    the skeleton init."""
+    from gsgd import discover, skeleton_init
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).to(F64)
+    skeleton_init(net, discover(net))
+    return net
+
+
 def batch(widths: Sequence[int], size: int = 16, seed: int = 1,
           dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and regression targets for a net with these node widths."""

@@ -9,18 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import block_tensors, centres
+from conftest import block_tensors, centres, conv_chain_net
 from gsgd import GSGD, discover, fused, skeleton_init
 from gsgd.bruteforce import oracle_step
 from gsgd.optim import NonFiniteError
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
-    skeleton_init(net, discover(net))
-    return net
 
 
 class _TwoBlocks(nn.Module):
@@ -63,7 +55,7 @@ def graph_form(request, monkeypatch):
     return request.param
 
 
-NET = (_net, (2, 4, 4), 3)
+NET = (conv_chain_net, (2, 4, 4), 3)
 CASES = [(*NET, dict(momentum=0.9, weight_decay=1e-3)),
          (*NET, dict(momentum=0.9, nesterov=True)),
          (*NET, dict(momentum=0.8, dampening=0.3)),
@@ -95,7 +87,7 @@ def test_compiled_step_equals_the_eager_step(graph_form, make, shape, classes, h
 
 def test_compiled_step_equals_the_brute_force_oracle(graph_form):
     """One plain G-SGD step of the conv chain (float64) against the oracle's path-space step."""
-    net = _net()
+    net = conv_chain_net()
     block = discover(net).blocks[0]
     x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(3))
@@ -145,7 +137,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_step_with_a_warning(graph_fo
         return fail
 
     monkeypatch.setattr(fused, "_compiled", no_compiler)
-    eager_net = _net()
+    eager_net = conv_chain_net()
     compiled_net = copy.deepcopy(eager_net)
     eager = GSGD(eager_net, lr=0.05, momentum=0.9, dampening=0.2)
     fallback = GSGD(compiled_net, lr=0.05, momentum=0.9, dampening=0.2, compile=True)

@@ -6,24 +6,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from gsgd import GSGD, discover, skeleton_init
+from conftest import conv_chain_net
+from gsgd import GSGD
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
-    skeleton_init(net, discover(net))
-    return net
 
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_steps_equal_cpu_steps(compile):
-    cpu_net = _net()
+    cpu_net = conv_chain_net()
     gpu_net = copy.deepcopy(cpu_net).cuda()
     hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
     cpu_opt = GSGD(cpu_net, **hp)
