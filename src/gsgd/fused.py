@@ -199,8 +199,18 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         betas.append(kap_w[l] * betas[-1][_iota_mod(h_in, h_out, w0.device)[1]] if th else
                      torch.ones(h_in, dtype=w0.dtype, device=w0.device))
     betas.reverse()
-    sums = _blocked_edge_sums(ws, gs) if torch.compiler.is_compiling() else edge_sums(ws, gs, work)
-    totals = torch.stack([s.sum() for s in sums] + [gb.sum() for gb in gbs if gb is not None])
+    # Z needs the edge sums (column sums of x = w * g) only where the tail units are hidden;
+    # elsewhere (the block's first layer) a plain total of x serves the finite check.
+    inner = [l for l, m in enumerate(meta) if m[4]]
+    sub_w, sub_g = [ws[l] for l in inner], [gs[l] for l in inner]
+    col_sums = _blocked_edge_sums(sub_w, sub_g) if torch.compiler.is_compiling() else \
+        edge_sums(sub_w, sub_g, work)
+    sums: list[torch.Tensor | None] = [None] * n
+    for l, col in zip(inner, col_sums, strict=True):
+        sums[l] = col
+    totals = [col.sum() for col in col_sums]
+    totals += [_total(ws[l], gs[l]) for l, m in enumerate(meta) if not m[4]]
+    totals = torch.stack(totals + [gb.sum() for gb in gbs if gb is not None])
     routes = torch.cat(alphas + betas)
     ok = torch.isfinite(totals).all() & torch.isfinite(routes).all() & (routes != 0).all()
 
@@ -244,6 +254,14 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         carrier_bufs.append(None if bufc is None else bufc.masked_fill(not_car, 0))
         rho = torch.where(car, ratio, rho[tail])
     return Plan(ok, clipped, alphas, betas, inv_rhos, ratios, carrier_bufs).as_tuple()
+
+
+def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum of w * g over a whole layer: one contiguous pass (a BLAS dot eagerly), finite iff
+    every weight and gradient of the layer is (0 * inf and inf - inf give NaN)."""
+    if torch.compiler.is_compiling():
+        return (w * g).sum()
+    return torch.dot(w.reshape(-1), g.reshape(-1))
 
 
 def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
