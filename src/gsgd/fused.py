@@ -471,20 +471,86 @@ _COMPILED: dict[tuple, Callable] = {}
 SMALL_BLOCK = 1 << 18
 
 
-def _compiled(fn: Callable, threads: int = -1) -> Callable:
-    """``fn`` compiled by torch.compile (lazily, once per process; static shapes).
+class _TensorSlot:
+    """Marks where a tensor stood in a call's arguments."""
 
-    The recompile limit is raised so networks with many blocks (one graph each) stay compiled.
-    ``threads`` >= 1 fixes the kernels' thread count (inductor's ``cpp.threads``).
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_SLOT = _TensorSlot()
+
+
+@dataclass(frozen=True)
+class _Seq:
+    """A list or tuple in a call's structure."""
+
+    is_list: bool
+    items: tuple
+
+
+def _flatten(x: object, tensors: list[torch.Tensor]) -> object:
+    """The structure of ``x`` (hashable), its tensors appended to ``tensors`` in order."""
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+        return _SLOT
+    if isinstance(x, (list, tuple)):
+        return _Seq(isinstance(x, list), tuple(_flatten(item, tensors) for item in x))
+    return x  # None, numbers, bools, StepFlags: part of the structure
+
+
+def _unflatten(structure: object, tensors) -> object:
+    if structure is _SLOT:
+        return next(tensors)
+    if isinstance(structure, _Seq):
+        items = [_unflatten(item, tensors) for item in structure.items]
+        return items if structure.is_list else tuple(items)
+    return structure
+
+
+class _FlatCompiled:
+    """``fn`` compiled with the TENSORS of its arguments as the graph's only inputs.
+
+    The rest of the arguments (lists, None, the static ``meta`` and ``flags``) is the structure
+    of the call: one compiled graph per structure, which it closes over as constants. Guards
+    then check a flat tuple of tensors instead of nested lists and dataclasses, which cut the
+    per-call cost of a graph from ~310 to ~165 us on the small MLP.
     """
-    key = (fn.__name__, threads)
-    if key not in _COMPILED:
+
+    def __init__(self, fn: Callable, threads: int) -> None:
+        self.fn, self.threads = fn, threads
+        self.graphs: dict[object, Callable] = {}
+
+    def __call__(self, *args):
+        tensors: list[torch.Tensor] = []
+        structure = _flatten(args, tensors)
+        graph = self.graphs.get(structure)
+        if graph is None:
+            graph = self.graphs[structure] = self._compile(structure)
+        return graph(*tensors)
+
+    def _compile(self, structure: object) -> Callable:
         import torch._dynamo
 
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 256)
-        options = {"cpp.threads": threads} if threads >= 1 else None
-        _COMPILED[key] = torch.compile(fn, dynamic=False, options=options)
+        fn = self.fn
+
+        def graph(*tensors):
+            return fn(*_unflatten(structure, iter(tensors)))
+
+        graph.__name__ = f"gsgd_{fn.__name__}"
+        options = {"cpp.threads": self.threads} if self.threads >= 1 else None
+        return torch.compile(graph, dynamic=False, options=options)
+
+
+def _compiled(fn: Callable, threads: int = -1) -> Callable:
+    """``fn`` compiled by torch.compile (lazily, once per process and call structure; static
+    shapes), taking the same arguments as ``fn``. ``threads`` >= 1 fixes the kernels' thread
+    count (inductor's ``cpp.threads``)."""
+    key = (fn.__name__, threads)
+    if key not in _COMPILED:
+        _COMPILED[key] = _FlatCompiled(fn, threads)
     return _COMPILED[key]
 
 
