@@ -20,10 +20,11 @@ class _TwoBlocks(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(1)
-        self.stem = nn.Linear(6, 5)
-        self.a1, self.a2 = nn.Linear(5, 7), nn.Linear(7, 5)
-        self.b1, self.b2 = nn.Linear(5, 4, bias=False), nn.Linear(4, 3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.stem = nn.Linear(6, 5)
+            self.a1, self.a2 = nn.Linear(5, 7), nn.Linear(7, 5)
+            self.b1, self.b2 = nn.Linear(5, 4, bias=False), nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
