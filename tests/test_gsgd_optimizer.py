@@ -456,3 +456,37 @@ def test_state_holds_one_momentum_buffer_per_parameter_and_nothing_else_weight_s
                 if isinstance(v, torch.Tensor))
     n_params = sum(p.numel() for p in net.parameters())
     assert total <= n_params + len(structure.blocks)  # buffers plus one counter per block
+
+
+# ------------------------------------------------------------------------------------------------
+# The step's cached views follow the tensors behind them
+# ------------------------------------------------------------------------------------------------
+
+def test_fresh_gradient_tensors_each_step_give_the_same_steps_as_reused_ones():
+    """zero_grad(set_to_none=True) makes backward allocate new gradients every step: the
+    optimizer must read those, not views of the last step's gradients."""
+    data = batches()
+    nets = [skeleton_net(), skeleton_net()]
+    opts = [GSGD(net, lr=0.01, momentum=0.9) for net in nets]
+    for k in range(6):
+        x, y = data[k % len(data)]
+        for net, opt, to_none in zip(nets, opts, (True, False), strict=True):
+            opt.zero_grad(set_to_none=to_none)
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    assert same_parameters(*nets)
+    assert not same_parameters(nets[0], skeleton_net())
+
+
+def test_loading_a_state_into_a_live_optimizer_replaces_the_buffers_it_steps_with():
+    data = batches()
+    net = skeleton_net()
+    opt = GSGD(net, lr=0.01, momentum=0.9)
+    run(net, opt, data, 3)
+    saved_params, saved_state = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    run(net, opt, data, 3, start=3)
+    expected = copy.deepcopy(net)
+    net.load_state_dict(saved_params)
+    opt.load_state_dict(saved_state)  # new buffer tensors: the cached views must follow
+    run(net, opt, data, 3, start=3)
+    assert same_parameters(net, expected)
