@@ -72,7 +72,7 @@ def path_potentials(weights: list[torch.Tensor], biases: list[torch.Tensor | Non
     A(l) sums, over paths from the inputs and bias nodes to node layer l, the product of squared
     weights (A = 1 at inputs and bias nodes); B(l) does the same over paths from l to the outputs.
     """
-    squares = [w.square().sum(dim=-1) for w in weights]  # (out, in): parallel taps summed
+    squares = [_tap_sum(w.square()) for w in weights]  # (out, in): parallel taps summed
     a = [weights[0].new_ones(weights[0].shape[1])]
     for s, b in zip(squares, biases, strict=True):
         nxt = s @ a[-1]
@@ -81,6 +81,16 @@ def path_potentials(weights: list[torch.Tensor], biases: list[torch.Tensor | Non
     for s in reversed(squares):
         back.append(s.T @ back[-1])
     return a, back[::-1]
+
+
+def _tap_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the taps of an ``(out, in, taps)`` tensor (a view when there is one tap)."""
+    return t[..., 0] if t.shape[-1] == 1 else t.sum(dim=-1)
+
+
+def _inverse(x: torch.Tensor) -> torch.Tensor:
+    """1 / x where x > 0, else 0 (x >= 0: a potential A or B)."""
+    return torch.where(x > 0, x.reciprocal(), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def path_scales(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -101,10 +111,6 @@ def path_norm_squared(weights: list[torch.Tensor], biases: list[torch.Tensor | N
     return path_potentials(weights, biases)[0][-1].sum()
 
 
-def _scaled(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    return torch.where(gamma > 0, g / gamma, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
 def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                        grads: list[torch.Tensor], grad_biases: list[torch.Tensor | None],
                        weight_decay: float = 0.0
@@ -113,9 +119,11 @@ def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | 
 
     ``weight_decay * w`` is ``grad(weight_decay / 2 * phi) / gamma``, the path regulariser's term.
     """
-    gw, gb = path_scales(weights, biases)
-    dws = [_scaled(g, s) for g, s in zip(grads, gw, strict=True)]
-    dbs = [None if s is None else _scaled(g, s) for g, s in zip(grad_biases, gb, strict=True)]
+    a, b = path_potentials(weights, biases)
+    inv_a, inv_b = [_inverse(x) for x in a], [_inverse(x) for x in b]
+    # 1 / gamma = 1 / (A(tail) B(head)) as an outer product of inverses: 0 where gamma = 0
+    dws = [g * torch.outer(inv_b[l + 1], inv_a[l])[:, :, None] for l, g in enumerate(grads)]
+    dbs = [None if g is None else g * inv_b[l + 1] for l, g in enumerate(grad_biases)]
     if weight_decay:
         for d, w in zip(dws, weights, strict=True):
             d.add_(w, alpha=weight_decay)
