@@ -51,8 +51,8 @@ def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, shape: tuple[
 
 @pytest.fixture(params=["one graph", "plan + apply graphs"])
 def graph_form(request, monkeypatch):
-    """Both compiled forms: SMALL_BLOCK decides which one a block of a given size takes."""
-    monkeypatch.setattr(fused, "SMALL_BLOCK", 1 << 30 if request.param == "one graph" else 0)
+    """Both compiled forms: SMALL_LAYER decides which one a network takes."""
+    monkeypatch.setattr(fused, "SMALL_LAYER", 1 << 30 if request.param == "one graph" else 0)
     return request.param
 
 

@@ -40,7 +40,7 @@ class _BlockParams:
     index_cache: dict[torch.device, tuple[LayerIndex, ...]]
 
     meta: Meta
-    size: int  # number of weights
+    largest: int  # weights of its largest layer
     views_key: tuple = ()
     views: list[torch.Tensor] | None = None
     cache: dict = field(default_factory=dict)
@@ -140,9 +140,10 @@ class GSGD(GBlockOptimizer):
             tens of seconds once per process and shape). Each layer's update becomes one kernel
             reading w, g, buf and writing w, buf, and the O(H) work a few kernels: the fast path
             (about 1.6x a torch SGD step on a 784-1000x3-10 MLP on CPU, against 3x eagerly).
-            Small blocks (< ``gsgd.fused.SMALL_BLOCK`` weights in all) run as ONE
-            single-threaded graph per step. Same result as the eager path to rounding; if
-            compiling fails (no C++ compiler, say) it warns and takes the eager step.
+            Networks whose G-block layers are small (< ``gsgd.fused.SMALL_LAYER`` weights)
+            take ONE single-threaded graph per step, larger ones two graphs per block. Same
+            result as the eager path to rounding; if compiling fails (no C++ compiler, say) it
+            warns and takes the eager step.
         model, structure: where the G-blocks come from when ``params`` is not a module.
         batchnorm: for models with batch norm, passed to :func:`gsgd.discover`: ``"exact"``
             (G-blocks [BN affine, next layer]; invariant) or ``"approximate"`` (the paper's
@@ -174,7 +175,7 @@ class GSGD(GBlockOptimizer):
         for block, weights, biases, _ in bound:
             index = block_index(block)
             self._blocks.append(_BlockParams(block, weights, biases, index, {}, block_meta(index),
-                                             sum(w.numel() for w in weights)))
+                                             max(w.numel() for w in weights)))
         self._block_group = [gi for *_, gi in bound]
 
     def clip_counts(self) -> list[int]:
@@ -218,14 +219,13 @@ class GSGD(GBlockOptimizer):
             if st is not None:
                 steps.append((bp, group, st))
         compiled = [(bp, st) for bp, group, st in steps if group["compile"]]
-        size = sum(bp.size for bp, _ in compiled)
-        one_graph = bool(compiled) and size < fused.SMALL_BLOCK
+        one_graph = bool(compiled) and max(bp.largest for bp, _ in compiled) < fused.SMALL_LAYER
         planned = [(bp, st, group["compile"]) for bp, group, st in steps
                    if not (one_graph and group["compile"])]
         all_steps = [(bp, st) for bp, _, st in steps]
         for bp, st, comp in planned:
             if comp:
-                st.plan = self._compiled_call(all_steps, compiled_block_plan(bp.size), st.ws,
+                st.plan = self._compiled_call(all_steps, compiled_block_plan(), st.ws,
                                               st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
                                               st.row_scales)
             else:
@@ -239,7 +239,7 @@ class GSGD(GBlockOptimizer):
             gate = torch.stack(flags).all() if flags else None
             blocks = [(st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.hp,
                        st.flags, st.row_scales) for bp, st in compiled]
-            ok, clipped = self._compiled_call(all_steps, compiled_step(size), blocks,
+            ok, clipped = self._compiled_call(all_steps, compiled_step(), blocks,
                                               plain_grads, gate)
             for (_, st), n in zip(compiled, clipped, strict=True):
                 st.clipped = n
@@ -253,7 +253,7 @@ class GSGD(GBlockOptimizer):
             args = (st.ws, st.gs, st.bs, st.gbs, st.bufs, st.bias_bufs, bp.meta, st.plan,
                     st.hp, st.flags, st.row_scales)
             if comp:
-                self._compiled_call(all_steps, compiled_block_apply(bp.size), *args)
+                self._compiled_call(all_steps, compiled_block_apply(), *args)
             else:
                 block_apply_eager(*args, self._scratch_for(st.ws[0]))
         for bp, st in all_steps:
