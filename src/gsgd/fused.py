@@ -151,20 +151,22 @@ class Plan:
     """Phase A of a block: everything the dense pass needs, all O(H) vectors.
 
     ``ratios[l]`` (per head b; 1 where pi(b) is not a carrier) and ``carrier_bufs[l]`` are None
-    unless the heads of layer l are hidden; ``inv_rhos[l]`` is 1 / rho per tail unit.
+    unless the heads of layer l are hidden; ``inv_rhos[l]`` is 1 / rho per tail unit;
+    ``inv_alphas`` / ``inv_betas`` are 1 / alpha and 1 / beta per node layer (inverted once
+    here, so the weight-sized pass only multiplies).
     """
 
     ok: torch.Tensor
     clipped: torch.Tensor
-    alphas: list[torch.Tensor]
-    betas: list[torch.Tensor]
+    inv_alphas: list[torch.Tensor]
+    inv_betas: list[torch.Tensor]
     inv_rhos: list[torch.Tensor]
     ratios: list[torch.Tensor | None]
     carrier_bufs: list[torch.Tensor | None]
 
     def as_tuple(self) -> tuple:
-        return (self.ok, self.clipped, self.alphas, self.betas, self.inv_rhos, self.ratios,
-                self.carrier_bufs)
+        return (self.ok, self.clipped, self.inv_alphas, self.inv_betas, self.inv_rhos,
+                self.ratios, self.carrier_bufs)
 
 
 def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.Tensor | None],
@@ -253,7 +255,8 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         ratios.append(ratio)
         carrier_bufs.append(None if bufc is None else bufc.masked_fill(not_car, 0))
         rho = torch.where(car, ratio, rho[tail])
-    return Plan(ok, clipped, alphas, betas, inv_rhos, ratios, carrier_bufs).as_tuple()
+    return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
+                inv_rhos, ratios, carrier_bufs).as_tuple()
 
 
 def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -282,25 +285,25 @@ def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
 
 
 def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
-                 beta: torch.Tensor, hp: Hyper, flags: StepFlags,
+                 inv_beta: torch.Tensor, hp: Hyper, flags: StepFlags,
                  row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
     """Bias of node b, an edge from a bias node (rho = 1, v = b * beta): b -= lr * s / beta.
     Nothing changes unless ``gate`` (when given) is true."""
     lr, wd = hp[0], hp[3]
-    db = gb / beta
+    db = gb * inv_beta
     if row_scale is not None:
         db = db * row_scale
     if flags.has_wd:
-        db = db + wd * b * beta
+        db = db + wd * b / inv_beta
     sb, new_bb = _momentum(db, bias_buf, hp, flags)
     if gate is None:
         if new_bb is not None:
             bias_buf.copy_(new_bb)
-        b.sub_(lr * sb / beta)
+        b.sub_(lr * sb * inv_beta)
         return
     if new_bb is not None:
         bias_buf.copy_(torch.where(gate, new_bb, bias_buf))
-    b.copy_(torch.where(gate, b - lr * sb / beta, b))
+    b.copy_(torch.where(gate, b - lr * sb * inv_beta, b))
 
 
 def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
@@ -321,7 +324,7 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
     Eagerly this materialises masks and temporaries; compiled it is one fused kernel per layer.
     With ``gate`` (a boolean scalar) every value is written back unchanged unless it is true.
     """
-    _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
+    _, _, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs = plan
     lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         h_in, h_out, taps, c, th, hh = meta[l]
@@ -330,7 +333,7 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
         o = torch.arange(h_out, device=w.device)[:, None, None]
         i = torch.arange(h_in, device=w.device)[None, :, None]
         centre = torch.arange(taps, device=w.device)[None, None, :] == c
-        inv_c = (1 / betas[l + 1])[:, None, None] * (1 / alphas[l])[None, :, None]
+        inv_c = inv_betas[l + 1][:, None, None] * inv_alphas[l][None, :, None]
         d = g * inv_c
         if row_scale is not None:
             d = d * row_scale[:, None, None]
@@ -357,7 +360,8 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
         if buf is not None:
             buf.copy_(new_buf)
         if bs[l] is not None:
-            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale, gate)
+            _bias_update(bs[l], gbs[l], bias_bufs[l], inv_betas[l + 1], hp, flags, row_scale,
+                         gate)
 
 
 def fused_step(blocks: list[tuple], plain_grads: list[torch.Tensor],
@@ -430,7 +434,7 @@ def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
     write the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer).
     ``scratch(rows, cols)`` hands the dense pass a reusable work tensor."""
     hp = _numbers(hp)
-    _, _, alphas, betas, inv_rhos, ratios, carrier_bufs = plan
+    _, _, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs = plan
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         h_in, h_out, taps, c, th, hh = meta[l]
         buf = bufs[l]
@@ -444,7 +448,7 @@ def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
             new_par = wf[par] * ratios[l] * inv_rhos[l][_iota_mod(h_out, h_in, w.device)[1]]
         dense_update_inplace(w.view(h_out, -1), g.reshape(h_out, -1),
                              None if buf is None else buf.view(h_out, -1),
-                             _per_tap(alphas[l].reciprocal(), taps), betas[l + 1].reciprocal(),
+                             _per_tap(inv_alphas[l], taps), inv_betas[l + 1],
                              _per_tap(inv_rhos[l], taps), hp, flags, row_scale,
                              *(() if scratch is None else (scratch(h_out, h_in * taps),)))
         if hh:  # all parent edges; those that are frozen are restored just below
@@ -456,7 +460,7 @@ def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
             if bf is not None:
                 bf[kap] = 0
         if bs[l] is not None:
-            _bias_update(bs[l], gbs[l], bias_bufs[l], betas[l + 1], hp, flags, row_scale)
+            _bias_update(bs[l], gbs[l], bias_bufs[l], inv_betas[l + 1], hp, flags, row_scale)
 
 
 def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
