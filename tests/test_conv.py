@@ -264,6 +264,16 @@ MODELS = {
     "plainnet-stages": (lambda: plainnet(8, 1, 2, widths=(2, 3, 4)).to(F64), {"cut": "stages"}),
     "resnet": (lambda: resnet(8, 1, 2, widths=(3, 4, 2), bias=True).to(F64), {}),
     "resnet-B": (lambda: resnet(8, 1, 2, widths=(2, 3, 4), shortcut="B").to(F64), {}),
+    # batch norm, batchnorm="exact": blocks [BN affine, next conv, ...]
+    "bn-chain": (lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).to(F64),
+        {"batchnorm": "exact"}),
+    "plainnet-bn": (lambda: plainnet(8, 1, 2, batchnorm=True, widths=(2, 3, 4)).to(F64),
+                    {"batchnorm": "exact"}),
+    "resnet-bn": (lambda: resnet(8, 1, 2, batchnorm=True, widths=(3, 4, 2)).to(F64),
+                  {"batchnorm": "exact"}),
 }
 
 
