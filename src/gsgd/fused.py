@@ -3,8 +3,9 @@
 Per block, in two phases (gsgd-math.md sections 4-6):
 
 A. :func:`block_plan` (pure, nothing written): route products alpha/beta, the edge sums
-   sum_out w*g (the one extra read pass over w and g), the finite check, the carrier potentials
-   Z, and everything about the carriers (their G-space gradient (x - Z)/v, momentum, ratio R,
+   sum_out w*g where the tail units are hidden (the one extra read pass over w and g; the
+   block's first layer needs only a total), the finite check, the carrier potentials Z, and
+   everything about the carriers (their G-space gradient (x - Z)/v, momentum, ratio R,
    clamping) and the per-node ratios rho of the forward sweep. O(H) besides the edge sums.
 B. One dense pass per layer, the same formula for every edge (the non-carrier update):
 
@@ -22,6 +23,9 @@ Every index is arithmetic on the node widths (pi(b) = (b, b mod h_in), kappa(a) 
 (a mod h_out, a)), so a compiled graph needs no index tensors as inputs. The result equals
 ``functional.gsgd_step`` (plus momentum / weight decay) to rounding; the tests check both paths
 against the brute-force oracle and against each other.
+
+:func:`fused_step` runs A and B of several blocks as one function (the one-graph form of
+``GSGD(compile=True)`` for small layers); ``compiled_*`` give the torch.compile forms.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from gsgd.basis import LayerIndex
 from gsgd.functional import clamp_ratio, edge_sums
 
+#: rows summed per block by the compiled column sums (see :func:`_blocked_edge_sums`)
 ROW_BLOCK = 8
 
 #: [lr, momentum, dampening, weight_decay, max_ratio]: a tensor (compiled) or floats (eager)
