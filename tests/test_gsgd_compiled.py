@@ -56,12 +56,25 @@ def graph_form(request, monkeypatch):
     return request.param
 
 
+def _bn_net() -> nn.Module:
+    """Conv-BN-ReLU twice: with batchnorm="approximate" the G-space gradients of the
+    BN-followed conv are scaled by its filter norms (row scales in the step)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    skeleton_init(net, discover(net, batchnorm="approximate"))
+    return net
+
+
 NET = (conv_chain_net, (2, 4, 4), 3)
 CASES = [(*NET, dict(momentum=0.9, weight_decay=1e-3)),
          (*NET, dict(momentum=0.9, nesterov=True)),
          (*NET, dict(momentum=0.8, dampening=0.3)),
          (*NET, dict(momentum=0.0)),
-         (_two_blocks, (6,), 3, dict(momentum=0.9, weight_decay=1e-3))]
+         (_two_blocks, (6,), 3, dict(momentum=0.9, weight_decay=1e-3)),
+         (_bn_net, (1, 5, 5), 3, dict(momentum=0.9, batchnorm="approximate"))]
 
 
 @pytest.mark.parametrize("make, shape, classes, hp", CASES)
