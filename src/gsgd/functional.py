@@ -24,18 +24,25 @@ OptTensors = list[torch.Tensor | None]
 
 
 def edge_sums(weights: Tensors, grads: Tensors,
-              work: Callable[[int, int], torch.Tensor] | None = None) -> Tensors:
+              work: Callable[[int, int], torch.Tensor] | None = None,
+              row_block: int | None = None) -> Tensors:
     """sum over (out, taps) of x_e = w_e g_e, per tail unit of every layer (an O(h_in) vector).
 
     Computed from the last layer to the first, so that the first layers, updated first by the
     forward allocation sweep, are still in cache when it reaches them. ``work(rows, cols)``,
     if given, hands out a reusable matrix for the products (no fresh weight-sized memory).
+    ``row_block`` (the form for torch.compile) sums blocks of that many rows first: inductor
+    vectorises a column sum along the columns and walks the rows one by one (one strided
+    stream); summing a block of rows at a time keeps that many streams in flight.
     """
     sums: Tensors = []
     for w, g in zip(reversed(weights), reversed(grads), strict=True):
         out, h_in, taps = w.shape
         w2, g2 = w.reshape(out, h_in * taps), g.reshape(out, h_in * taps)
-        if work is None:
+        if row_block is not None:
+            k = row_block if out % row_block == 0 and out > row_block else 1
+            col = (w2 * g2).view(out // k, k, h_in * taps).sum(1).sum(0)
+        elif work is None:
             col = torch.linalg.vecdot(w2, g2, dim=0)
         else:
             col = torch.mul(w2, g2, out=work(out, h_in * taps)).sum(0)

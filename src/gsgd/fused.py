@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from gsgd.basis import LayerIndex
+from gsgd.basis import LayerIndex, flat_index
 from gsgd.functional import clamp_ratio, edge_sums
 
-#: rows summed per block by the compiled column sums (see :func:`_blocked_edge_sums`)
+#: rows summed per block by the compiled column sums (``functional.edge_sums(row_block=)``)
 ROW_BLOCK = 8
 
 #: [lr, momentum, dampening, weight_decay, max_ratio]: a tensor (compiled) or floats (eager)
@@ -95,7 +96,7 @@ def _parent_index(h_in: int, h_out: int, taps: int, centre: int,
     """Flat positions of the parent edges pi(b) = (b, b mod h_in, centre) in ``(out, in, taps)``."""
     def make() -> torch.Tensor:
         b, tail = _iota_mod(h_out, h_in, device)
-        return (b * h_in + tail) * taps + centre
+        return flat_index(b, tail, h_in, taps, centre)
     return _static(("parent", h_in, h_out, taps, centre, device), make)
 
 
@@ -104,7 +105,7 @@ def _child_index(h_in: int, h_out: int, taps: int, centre: int,
     """Flat positions of the child edges kappa(a) = (a mod h_out, a, centre) (frozen edges)."""
     def make() -> torch.Tensor:
         a, head = _iota_mod(h_in, h_out, device)
-        return (head * h_in + a) * taps + centre
+        return flat_index(head, a, h_in, taps, centre)
     return _static(("child", h_in, h_out, taps, centre, device), make)
 
 
@@ -151,9 +152,9 @@ def _momentum(d: torch.Tensor, old: torch.Tensor | None, hp: Hyper, flags: StepF
     return (d + mu * new if flags.nesterov else new), new
 
 
-@dataclass
-class Plan:
-    """Phase A of a block: everything the dense pass needs, all O(H) vectors.
+class Plan(NamedTuple):
+    """Phase A of a block: everything the dense pass needs, all O(H) vectors (a tuple, so
+    that a compiled graph can return it).
 
     ``ratios[l]`` (per head b; 1 where pi(b) is not a carrier) and ``carrier_bufs[l]`` are None
     unless the heads of layer l are hidden; ``inv_rhos[l]`` is 1 / rho per tail unit;
@@ -169,17 +170,12 @@ class Plan:
     ratios: list[torch.Tensor | None]
     carrier_bufs: list[torch.Tensor | None]
 
-    def as_tuple(self) -> tuple:
-        return (self.ok, self.clipped, self.inv_alphas, self.inv_betas, self.inv_rhos,
-                self.ratios, self.carrier_bufs)
-
 
 def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.Tensor | None],
                bufs: list[torch.Tensor | None], meta: Meta, hp: Hyper, flags: StepFlags,
                row_scales: list[torch.Tensor | None] | None = None,
-               work: Callable[[int, int], torch.Tensor] | None = None) -> tuple:
-    """Phase A of one block (reads only). Returns :meth:`Plan.as_tuple` (a compiled graph's
-    output must be a tuple).
+               work: Callable[[int, int], torch.Tensor] | None = None) -> Plan:
+    """Phase A of one block (reads only).
 
     alpha(l+1, b) = alpha(l, b mod h_l) w[pi(b)],  beta(l, a) = w[kappa(a)] beta(l+1, a mod h_l+1)
     Z(a) = sum_out x(a) - x[kappa(a)] + [kappa(a) = pi(b)] Z(b)          (inverse chain rule)
@@ -210,8 +206,8 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
     # elsewhere (the block's first layer) a plain total of x serves the finite check.
     inner = [l for l, m in enumerate(meta) if m[4]]
     sub_w, sub_g = [ws[l] for l in inner], [gs[l] for l in inner]
-    col_sums = _blocked_edge_sums(sub_w, sub_g) if torch.compiler.is_compiling() else \
-        edge_sums(sub_w, sub_g, work)
+    col_sums = edge_sums(sub_w, sub_g, row_block=ROW_BLOCK) if torch.compiler.is_compiling() \
+        else edge_sums(sub_w, sub_g, work)
     sums: list[torch.Tensor | None] = [None] * n
     for l, col in zip(inner, col_sums, strict=True):
         sums[l] = col
@@ -261,7 +257,7 @@ def block_plan(ws: list[torch.Tensor], gs: list[torch.Tensor], gbs: list[torch.T
         carrier_bufs.append(None if bufc is None else bufc.masked_fill(not_car, 0))
         rho = torch.where(car, ratio, rho[tail])
     return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
-                inv_rhos, ratios, carrier_bufs).as_tuple()
+                inv_rhos, ratios, carrier_bufs)
 
 
 def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -270,23 +266,6 @@ def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return (w * g).sum()
     return torch.dot(w.reshape(-1), g.reshape(-1))
-
-
-def _blocked_edge_sums(ws: list[torch.Tensor], gs: list[torch.Tensor],
-                       rows: int = ROW_BLOCK) -> list[torch.Tensor]:
-    """:func:`functional.edge_sums` written for inductor: sum blocks of ``rows`` rows first.
-
-    Inductor vectorises a column sum along the columns and walks the rows one by one inside
-    (one strided stream); summing ``rows`` rows at a time keeps that many streams in flight.
-    """
-    sums = []
-    for w, g in zip(ws, gs, strict=True):
-        out, h_in, taps = w.shape
-        k = rows if out % rows == 0 and out > rows else 1
-        x = (w * g).view(out // k, k, h_in * taps)
-        col = x.sum(1).sum(0) if k > 1 else x.sum((0, 1))
-        sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
-    return sums
 
 
 def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
@@ -314,7 +293,7 @@ def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | Non
 def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
                        bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
                        bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                       meta: Meta, plan: tuple, hp: Hyper, flags: StepFlags,
+                       meta: Meta, plan: Plan, hp: Hyper, flags: StepFlags,
                        row_scales: list[torch.Tensor | None] | None = None,
                        gate: torch.Tensor | None = None) -> None:
     """Phase B with the frozen and carrier edges selected by predicates (the compile form).
@@ -329,7 +308,8 @@ def block_apply_masked(ws: list[torch.Tensor], gs: list[torch.Tensor],
     Eagerly this materialises masks and temporaries; compiled it is one fused kernel per layer.
     With ``gate`` (a boolean scalar) every value is written back unchanged unless it is true.
     """
-    _, _, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs = plan
+    inv_alphas, inv_betas, inv_rhos = plan.inv_alphas, plan.inv_betas, plan.inv_rhos
+    ratios, carrier_bufs = plan.ratios, plan.carrier_bufs
     lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         h_in, h_out, taps, c, th, hh = meta[l]
@@ -380,14 +360,14 @@ def fused_step(blocks: list[tuple], plain_grads: list[torch.Tensor],
     """
     plans = [block_plan(ws, gs, gbs, bufs, meta, hp, flags, rs)
              for ws, gs, bs, gbs, bufs, bias_bufs, meta, hp, flags, rs in blocks]
-    flags_ok = [plan[0] for plan in plans] + [torch.isfinite(g.sum()) for g in plain_grads]
+    flags_ok = [plan.ok for plan in plans] + [torch.isfinite(g.sum()) for g in plain_grads]
     if gate is not None:
         flags_ok.append(gate)
     ok = torch.stack(flags_ok).all()
     for (ws, gs, bs, gbs, bufs, bias_bufs, meta, hp, flags, rs), plan in zip(blocks, plans,
                                                                            strict=True):
         block_apply_masked(ws, gs, bs, gbs, bufs, bias_bufs, meta, plan, hp, flags, rs, ok)
-    return ok, [plan[1] for plan in plans]
+    return ok, [plan.clipped for plan in plans]
 
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
@@ -432,14 +412,15 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
 def block_apply_eager(ws: list[torch.Tensor], gs: list[torch.Tensor],
                       bs: list[torch.Tensor | None], gbs: list[torch.Tensor | None],
                       bufs: list[torch.Tensor | None], bias_bufs: list[torch.Tensor | None],
-                      meta: Meta, plan: tuple, hp: Hyper, flags: StepFlags,
+                      meta: Meta, plan: Plan, hp: Hyper, flags: StepFlags,
                       row_scales: list[torch.Tensor | None] | None = None,
                       scratch: Callable[[int, int], torch.Tensor | None] | None = None) -> None:
     """Phase B for eager mode: :func:`dense_update_inplace` on every edge, then O(H) scatters
     write the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer).
     ``scratch(rows, cols)`` hands the dense pass a reusable work tensor."""
     hp = _numbers(hp)
-    _, _, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs = plan
+    inv_alphas, inv_betas, inv_rhos = plan.inv_alphas, plan.inv_betas, plan.inv_rhos
+    ratios, carrier_bufs = plan.ratios, plan.carrier_bufs
     for l, (w, g) in enumerate(zip(ws, gs, strict=True)):
         h_in, h_out, taps, c, th, hh = meta[l]
         buf = bufs[l]
@@ -495,9 +476,9 @@ _SLOT = _TensorSlot()
 
 @dataclass(frozen=True)
 class _Seq:
-    """A list or tuple in a call's structure."""
+    """A list, tuple or named tuple (its type kept) in a call's structure."""
 
-    is_list: bool
+    kind: type
     items: tuple
 
 
@@ -507,7 +488,7 @@ def _flatten(x: object, tensors: list[torch.Tensor]) -> object:
         tensors.append(x)
         return _SLOT
     if isinstance(x, (list, tuple)):
-        return _Seq(isinstance(x, list), tuple(_flatten(item, tensors) for item in x))
+        return _Seq(type(x), tuple(_flatten(item, tensors) for item in x))
     return x  # None, numbers, bools, StepFlags: part of the structure
 
 
@@ -516,7 +497,8 @@ def _unflatten(structure: object, tensors) -> object:
         return next(tensors)
     if isinstance(structure, _Seq):
         items = [_unflatten(item, tensors) for item in structure.items]
-        return items if structure.is_list else tuple(items)
+        kind = structure.kind
+        return kind(items) if kind in (list, tuple) else kind(*items)
     return structure
 
 

@@ -14,6 +14,7 @@ from gsgd import fused
 from gsgd.basis import LayerIndex, block_index
 from gsgd.fused import (
     Meta,
+    Plan,
     StepFlags,
     block_apply_eager,
     block_meta,
@@ -98,7 +99,7 @@ class _Step:
     flags: StepFlags
     row_scales: list[torch.Tensor | None] | None
     first: bool
-    plan: tuple = ()
+    plan: Plan | None = None
     clipped: torch.Tensor | int = 0
 
 
@@ -231,8 +232,8 @@ class GSGD(GBlockOptimizer):
             else:
                 st.plan = block_plan(st.ws, st.gs, st.gbs, st.bufs, bp.meta, st.hp, st.flags,
                                      st.row_scales, self._scratch_for(st.ws[0]))
-            st.clipped = st.plan[1]
-        flags = [st.plan[0] for _, st, _ in planned]
+            st.clipped = st.plan.clipped
+        flags = [st.plan.ok for _, st, _ in planned]
         plain_grads = [p.grad for p in self._plain if p.grad is not None]
         if one_graph:
             # small blocks: ONE graph plans, checks and updates (writes only if all is finite)
