@@ -391,7 +391,7 @@ def test_gsgd_basis_frozen_edges_match_bruteforce(case):
     basis_mod = pytest.importorskip("gsgd.basis")
     widths, taps, centres, has_bias = case
     g = case_graph(case)
-    index = basis_mod.chain_index(g.widths, g.taps, centres)
+    index = basis_mod.chain_routes(g.widths, g.taps, centres)
     masks = basis_mod.representative_mask(index)
     frozen = []
     offset = 0
@@ -407,7 +407,7 @@ def test_gsgd_basis_values_match_bruteforce(case):
     basis_mod = pytest.importorskip("gsgd.basis")
     _, _, centres, _ = case
     g = case_graph(case)
-    index = basis_mod.chain_index(g.widths, g.taps, centres)
+    index = basis_mod.chain_routes(g.widths, g.taps, centres)
     masks = basis_mod.representative_mask(index)
     for seed in (12, 13):
         weights, biases, _ = make_net(case, seed=seed)
@@ -426,7 +426,7 @@ def test_gsgd_basis_path_value_from_basis_matches_bruteforce_path_values(case):
     basis_mod = pytest.importorskip("gsgd.basis")
     _, _, centres, _ = case
     g = case_graph(case)
-    index = basis_mod.chain_index(g.widths, g.taps, centres)
+    index = basis_mod.chain_routes(g.widths, g.taps, centres)
     weights, biases, _ = make_net(case, seed=14)
     vw, _ = basis_mod.basis_values(weights, biases, index)
     nodes_val = basis_mod.node_values(weights, index)

@@ -4,6 +4,7 @@ round trips, and the optimizer registry."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -214,8 +215,12 @@ def test_every_preset_is_valid_and_round_trips(path, tmp_path):
     assert time_line and re.search(r"hour|minute", path.read_text()), "says how long it takes"
 
 
-def test_registry_covers_every_optimizer_name():
-    assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
+def test_registry_records_are_keyed_by_name_and_take_spec_keys():
+    spec_keys = {f.name for f in dataclasses.fields(OptimizerSpec)}
+    assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES
+    for name, record in OPTIMIZERS.items():
+        assert record.name == name and record.label and callable(record.build)
+        assert set(record.keys) <= spec_keys
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

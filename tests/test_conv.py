@@ -248,6 +248,8 @@ def invariance_gap(model: nn.Module, structure: Structure, make_opt, in_shape, s
             F.mse_loss(net(x), target).backward()
             opt.step()
     with torch.no_grad():
+        many = scale * torch.randn(64, *in_shape, generator=gen, dtype=F64)
+        assert float(model(many).std(0).max()) > 1e-6, "the trained network must stay alive"
         return relative_difference(twin(probe), model(probe))
 
 
@@ -289,8 +291,11 @@ def prepared(name: str) -> tuple[nn.Module, Structure]:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gsgd_keeps_a_randomly_rescaled_cnn_functionally_identical_for_50_steps(name):
     model, structure = prepared(name)
+    # lr 0.002: at 0.02 the paper's exact step diverges on the conv chain (loss 1e28 by step 12)
+    # and at 0.01 the conv chain and the PlainNet die (constant outputs: now asserted alive);
+    # (the former guard, which clamped every R <= 0.01 to 0.01, had hidden the divergence)
     gap = invariance_gap(model, structure,
-                         lambda m: GSGD(m, lr=0.02, momentum=0.5, structure=structure),
+                         lambda m: GSGD(m, lr=0.002, momentum=0.5, structure=structure),
                          (1, 6, 6))
     assert gap < 1e-7
 

@@ -2,7 +2,7 @@
 
 The oracle solves the chain rule x = B^T y by dense least squares over the designated basis and
 allocates weights by the integer inverse of the basis matrix; the code under test does both in
-O(m) sweeps (gsgd-math.md sections 4-5). Both the pure functional core and the GSGD optimizer on
+O(m) sweeps (docs/math.md sections 4-5). Both the pure functional core and the GSGD optimizer on
 real ``nn.Module`` s with real loss gradients are checked, on non-unimodal width profiles, with and
 without biases, and on a conv / pool / flatten chain.
 """
@@ -26,10 +26,10 @@ from conftest import (
     only_block,
 )
 from gsgd import bruteforce as bf
-from gsgd.basis import block_index
+from gsgd.basis import block_routes
 from gsgd.discovery import discover
-from gsgd.functional import g_space_gradient, gsgd_step
 from gsgd.optim import GSGD
+from gsgd.reference import g_space_gradient, gsgd_step
 
 # (widths, bias per layer or for all, activation per hidden layer or for all)
 CASES = [
@@ -82,7 +82,7 @@ def representative_entries(weights, biases, block) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pure functional core
+# The pure reference step
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -91,7 +91,7 @@ def test_g_space_gradient_equals_least_squares_chain_rule(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_index(block))
+    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
     sol = bf.chain_rule_lstsq(ws, bs, gws, gbs, centres(block))
     assert sol.residual <= 1e-10 * float(sol.x.abs().max())  # the chain rule is consistent
     assert_rel_close(representative_entries(dw, db, block), sol.dL_dv, 1e-9, "dL/dv")
@@ -103,20 +103,20 @@ def test_g_space_gradient_is_zero_on_frozen_child_edges(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_index(block))
+    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
     basis = bf.designated_basis(block.widths, has_bias=[b is not None for b in bs])
     flat = bf.flatten_edges(dw, db)
     assert torch.equal(flat[list(basis.frozen)], torch.zeros(len(basis.frozen), dtype=F64))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_functional_gsgd_step_equals_bruteforce_oracle_step(case):
+def test_reference_gsgd_step_equals_bruteforce_oracle_step(case):
     net, structure = prepared(case)
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
     lr = safe_lr(bf.chain_rule_lstsq(ws, bs, gws, gbs))
-    result = gsgd_step(ws, bs, gws, gbs, lr, block_index(block))
+    result = gsgd_step(ws, bs, gws, gbs, lr, block_routes(block))
     expected_w, expected_b = bf.oracle_step(ws, bs, gws, gbs, lr)
     assert int(result.clipped) == 0
     for l, (w, e) in enumerate(zip(result.weights, expected_w, strict=True)):
@@ -128,13 +128,13 @@ def test_functional_gsgd_step_equals_bruteforce_oracle_step(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_functional_gsgd_step_does_not_modify_its_inputs(case):
+def test_reference_gsgd_step_does_not_modify_its_inputs(case):
     net, structure = prepared(case)
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
     before = [t.clone() for t in ws + gws + [b for b in bs + gbs if b is not None]]
-    gsgd_step(ws, bs, gws, gbs, 1e-3, block_index(block))
+    gsgd_step(ws, bs, gws, gbs, 1e-3, block_routes(block))
     after = ws + gws + [b for b in bs + gbs if b is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -305,7 +305,7 @@ def test_inverse_chain_rule_satisfies_the_frozen_edge_equations(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_index(block))
+    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
     basis = bf.designated_basis(block.widths, has_bias=[b is not None for b in bs])
     v = bf.basis_path_values(ws, bs)
     y = representative_entries(dw, db, block) * v

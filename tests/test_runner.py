@@ -185,13 +185,13 @@ def test_diverged_run_is_recorded_and_the_comparison_goes_on(tmp_path, small):
 def test_skeleton_init_is_applied_for_every_optimizer(digits):
     config = digits_config()
     model, structure = prepare_model(config, 0, digits)
-    from gsgd.basis import block_index
+    from gsgd.basis import block_routes
 
     (block,) = structure.blocks
     named = dict(model.named_parameters())
-    for layer, ix in zip(block.layers, block_index(block), strict=True):
+    for layer, r in zip(block.layers, block_routes(block), strict=True):
         flat = named[layer.weight].detach().reshape(-1)
-        for pos in (ix.par_flat, ix.kap_flat):
+        for pos in (r.parent_flat(), r.child_flat()):
             if len(pos):
                 assert torch.all(flat[pos] == 1)
 

@@ -1,143 +1,200 @@
-"""Basis paths of a G-block by designated routes (gsgd-math.md section 3), as index tensors.
+"""Basis paths of a G-block by designated routes (docs/math.md section 3).
 
-For hidden node u = (l, j) the designated edges are
+For a hidden node u the designated edges are its parent edge pi(u) (one edge into u) and its
+child edge kappa(u) (one edge out of u). In layer l (edges from node layer l to l+1, weights
+viewed as ``(out, in, taps)``):
 
-    parent edge  pi(u)    = W^{l-1}[ j , j mod h_{l-1}, centre ]
-    child edge   kappa(u) = W^{l}  [ j mod h_{l+1} , j, centre ]
+    parent edge of head b   pi(b)    = (b, b mod h_in, centre)      (head b hidden)
+    child edge of tail a    kappa(a) = (a mod h_out, a, centre)     (tail a hidden)
 
-The H child edges are frozen; every other edge (and every bias) is representative and names the
-basis path  P_e = back(tail) + e + fwd(head).  Carriers are parent edges that are not frozen.
+:class:`LayerRoutes` is the one place these rules live: the reference step, the fast step,
+``gsgd.group`` and the error messages all read them from it. The H child edges are frozen; every
+other edge (and every bias) is representative and names the basis path back(tail) + e + fwd(head).
+A carrier is a parent edge that is not also a child edge.
 
-Everything here is built once per block (O(H) integers); the per-step maths lives in
-``gsgd.functional``.
+Route products alpha / beta, basis-path values and node values are pure functions of the weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from gsgd.structure import Block
 
+Tensors = list[torch.Tensor]
+
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Integer index data that depends only on the widths: built once per device and kept
+    eagerly; traced (free inside a kernel) under torch.compile."""
+    if torch.compiler.is_compiling():
+        return make()
+    value = _CACHE.get(key)
+    if value is None:
+        value = _CACHE[key] = make()
+    return value
+
 
 @dataclass(frozen=True)
-class LayerIndex:
-    """Designated-route indices of layer l (edges from node layer l to node layer l+1).
+class LayerRoutes:
+    """The designated routes through one layer of a G-block (static: widths and flags only).
 
-    Flat indices address the ``(out, in, taps)`` view flattened to 1-D.
+    ``h_in`` / ``h_out``: widths of node layers l and l+1; ``taps`` parallel edges per unit pair
+    (kh*kw for a conv, HW for a Linear after a flatten) and ``centre`` the designated tap;
+    ``tail_hidden`` (l >= 1) / ``head_hidden`` (l+1 <= n-1): whether the layer's tail / head
+    units are hidden (only hidden units have designated edges). Hashable, so a compiled graph
+    can close over it.
     """
 
     h_in: int
     h_out: int
-    taps: int
-    centre: int  # the designated tap
-    tail_hidden: bool  # node layer l is hidden (l >= 1)
-    head_hidden: bool  # node layer l+1 is hidden (l+1 <= n-1)
-    par_flat: torch.Tensor  # pi(b) for every b of layer l+1 (empty unless head_hidden)
-    par_tail: torch.Tensor  # b mod h_in: the tail of pi(b)
-    kap_flat: torch.Tensor  # kappa(a) for every a of layer l (empty unless tail_hidden)
-    kap_head: torch.Tensor  # a mod h_out: the head of kappa(a)
-    car_b: torch.Tensor  # heads b whose parent edge is a carrier
-    car_a: torch.Tensor  # their tails
-    car_flat: torch.Tensor  # flat indices of the carriers
-    link_a: torch.Tensor  # tails a with kappa(a) = pi(b) (a frozen parent edge) ...
-    link_b: torch.Tensor  # ... and the matching heads b: Z(a) += Z(b)
+    taps: int = 1
+    centre: int = 0
+    tail_hidden: bool = False
+    head_hidden: bool = False
 
-    def to(self, device: torch.device) -> LayerIndex:
-        fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in self.__dict__.items()}
-        return LayerIndex(**fields)
+    # ---- the rules, on ints or integer tensors
+    def parent_tail(self, b):
+        """Tail of the parent edge pi(b) = (b, b mod h_in)."""
+        return b % self.h_in
+
+    def child_head(self, a):
+        """Head of the child edge kappa(a) = (a mod h_out, a)."""
+        return a % self.h_out
+
+    def flat(self, rows, cols):
+        """Flat position of edge (row, col, centre) in the contiguous ``(out, in, taps)`` view."""
+        return (rows * self.h_in + cols) * self.taps + self.centre
+
+    def is_carrier(self, b):
+        """pi(b) is a carrier: it is not also the child edge kappa of its tail."""
+        if not self.tail_hidden:
+            return torch.ones_like(b, dtype=torch.bool) if isinstance(b, torch.Tensor) else True
+        return self.child_head(self.parent_tail(b)) != b
+
+    def passes_on(self, a):
+        """kappa(a) = pi(b) for b = a mod h_out: the child edge of tail a is also the parent edge
+        of its head, so Z(b) flows on to a in the inverse chain rule."""
+        return self.parent_tail(self.child_head(a)) == a
+
+    # ---- the same as index vectors on a device (cached eagerly, traced when compiling)
+    def _vector(self, name: str, device: torch.device | None,
+                make: Callable[[torch.device | None], torch.Tensor]) -> torch.Tensor:
+        return _cached((self, name, device), lambda: make(device))
+
+    def heads(self, device: torch.device | None = None) -> torch.Tensor:
+        """b = 0 .. h_out-1."""
+        return self._vector("heads", device, lambda d: torch.arange(self.h_out, device=d))
+
+    def tails(self, device: torch.device | None = None) -> torch.Tensor:
+        """a = 0 .. h_in-1."""
+        return self._vector("tails", device, lambda d: torch.arange(self.h_in, device=d))
+
+    def parent_tails(self, device: torch.device | None = None) -> torch.Tensor:
+        """b mod h_in for every head b."""
+        return self._vector("parent tails", device,
+                            lambda d: self.parent_tail(self.heads(d)))
+
+    def child_heads(self, device: torch.device | None = None) -> torch.Tensor:
+        """a mod h_out for every tail a."""
+        return self._vector("child heads", device, lambda d: self.child_head(self.tails(d)))
+
+    def parent_flat(self, device: torch.device | None = None) -> torch.Tensor:
+        """Flat positions of pi(b) for every head b (empty unless the heads are hidden)."""
+        def make(d: torch.device | None) -> torch.Tensor:
+            if not self.head_hidden:
+                return torch.zeros(0, dtype=torch.long, device=d)
+            return self.flat(self.heads(d), self.parent_tails(d))
+        return self._vector("parent flat", device, make)
+
+    def child_flat(self, device: torch.device | None = None) -> torch.Tensor:
+        """Flat positions of kappa(a) for every tail a (empty unless the tails are hidden):
+        the frozen edges."""
+        def make(d: torch.device | None) -> torch.Tensor:
+            if not self.tail_hidden:
+                return torch.zeros(0, dtype=torch.long, device=d)
+            return self.flat(self.child_heads(d), self.tails(d))
+        return self._vector("child flat", device, make)
+
+    def carriers(self, device: torch.device | None = None) -> torch.Tensor:
+        """Per head b: is pi(b) a carrier (boolean)."""
+        return self._vector("carriers", device, lambda d: self.is_carrier(self.heads(d)))
+
+    def passing(self, device: torch.device | None = None) -> torch.Tensor:
+        """Per tail a: does kappa(a) = pi(a mod h_out) (boolean; see :meth:`passes_on`)."""
+        return self._vector("passing", device, lambda d: self.passes_on(self.tails(d)))
+
+    def unravel(self, flat: int) -> tuple[int, int, int]:
+        """(out, in, tap) of a flat position, for messages."""
+        return flat // (self.h_in * self.taps), (flat // self.taps) % self.h_in, flat % self.taps
 
 
-def flat_index(rows: torch.Tensor, cols: torch.Tensor, h_in: int, taps: int,
-               tap: int) -> torch.Tensor:
-    """Flat position of edge (row, col, tap) in a contiguous ``(out, in, taps)`` tensor."""
-    return (rows * h_in + cols) * taps + tap
-
-
-def layer_index(widths: tuple[int, ...], l: int, taps: int, centre: int) -> LayerIndex:
-    """Indices of the designated routes through layer l of a chain with node widths ``widths``."""
-    n = len(widths) - 1
-    h_in, h_out = widths[l], widths[l + 1]
-    tail_hidden = l >= 1
-    head_hidden = l + 1 <= n - 1
-    empty = torch.zeros(0, dtype=torch.long)
-    if head_hidden:
-        b = torch.arange(h_out)
-        par_tail = b % h_in
-        par_flat = flat_index(b, par_tail, h_in, taps, centre)
-    else:
-        b, par_tail, par_flat = empty, empty, empty
-    if tail_hidden:
-        a = torch.arange(h_in)
-        kap_head = a % h_out
-        kap_flat = flat_index(kap_head, a, h_in, taps, centre)
-    else:
-        a, kap_head, kap_flat = empty, empty, empty
-    if head_hidden and tail_hidden:
-        # pi(b) is frozen iff it is kappa of its tail: b == (b mod h_in) mod h_out
-        frozen_parent = (par_tail % h_out) == b
-    else:
-        frozen_parent = torch.zeros(len(b), dtype=torch.bool)
-    car = ~frozen_parent
-    link_b = b[frozen_parent]
-    return LayerIndex(
-        h_in=h_in, h_out=h_out, taps=taps, centre=centre, tail_hidden=tail_hidden,
-        head_hidden=head_hidden,
-        par_flat=par_flat, par_tail=par_tail, kap_flat=kap_flat, kap_head=kap_head,
-        car_b=b[car], car_a=par_tail[car], car_flat=par_flat[car],
-        link_a=par_tail[frozen_parent], link_b=link_b,
-    )
-
-
-def block_index(block: Block) -> tuple[LayerIndex, ...]:
-    """The designated-route indices of every layer of a block."""
-    widths = block.widths
-    return tuple(layer_index(widths, l, layer.taps, layer.centre)
-                 for l, layer in enumerate(block.layers))
-
-
-def chain_index(widths: tuple[int, ...], taps: tuple[int, ...] | None = None,
-                centres: tuple[int, ...] | None = None) -> tuple[LayerIndex, ...]:
-    """Indices for a bare chain given by its node widths (taps/centres default to 1/0)."""
+def chain_routes(widths: tuple[int, ...], taps: tuple[int, ...] | None = None,
+                 centres: tuple[int, ...] | None = None) -> tuple[LayerRoutes, ...]:
+    """The routes of a bare chain given by its node widths (taps / centres default to 1 / 0)."""
     n = len(widths) - 1
     taps = taps or (1,) * n
     centres = centres or (0,) * n
-    return tuple(layer_index(widths, l, taps[l], centres[l]) for l in range(n))
+    return tuple(LayerRoutes(widths[l], widths[l + 1], taps[l], centres[l], l >= 1, l + 1 <= n - 1)
+                 for l in range(n))
+
+
+def block_routes(block: Block) -> tuple[LayerRoutes, ...]:
+    """The routes of every layer of a G-block."""
+    return chain_routes(block.widths, tuple(layer.taps for layer in block.layers),
+                        tuple(layer.centre for layer in block.layers))
 
 
 # --------------------------------------------------------------------------------------------
 # Route products and basis-path values (pure functions of the weights).
 # --------------------------------------------------------------------------------------------
 
-def route_products(weights: list[torch.Tensor], index: tuple[LayerIndex, ...]
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """alpha and beta per node layer (O(H)).
+class RouteProducts(NamedTuple):
+    """alpha and beta per node layer 0..n (docs/math.md section 3)."""
 
-    alpha(input) = 1,  alpha(l+1, j) = alpha(l, j mod h_l) * W^l[j, j mod h_l, centre]
-    beta(output) = 1,  beta(l, j)    = W^l[j mod h_{l+1}, j, centre] * beta(l+1, j mod h_{l+1})
+    alphas: Tensors
+    betas: Tensors
 
-    ``weights`` are the ``(out, in, taps)`` views. Returns lists of length n+1.
+
+def parents(t: torch.Tensor, r: LayerRoutes) -> torch.Tensor:
+    """Entries of a layer-shaped tensor at the parent edges pi(b), one per head b."""
+    return t.reshape(-1)[r.parent_flat(t.device)]
+
+
+def children(t: torch.Tensor, r: LayerRoutes) -> torch.Tensor:
+    """Entries of a layer-shaped tensor at the child edges kappa(a), one per tail a."""
+    return t.reshape(-1)[r.child_flat(t.device)]
+
+
+def route_products(weights: Tensors, routes: tuple[LayerRoutes, ...]) -> RouteProducts:
+    """The route products, O(H):
+
+        alpha(input) = 1,  alpha(l+1, b) = alpha(l, b mod h_l) * w^l[pi(b)]
+        beta(output) = 1,  beta(l, a)    = w^l[kappa(a)] * beta(l+1, a mod h_{l+1})
+
+    ``weights`` are ``(out, in, taps)`` views (or anything of that many elements).
     """
-    n = len(weights)
     w0 = weights[0]
-    alphas = [torch.ones(index[0].h_in, dtype=w0.dtype, device=w0.device)]
-    for l in range(n):
-        ix = index[l]
-        if ix.head_hidden:
-            alphas.append(alphas[l][ix.par_tail] * weights[l].reshape(-1)[ix.par_flat])
-        else:
-            alphas.append(torch.ones(ix.h_out, dtype=w0.dtype, device=w0.device))
-    betas = [torch.ones(index[-1].h_out, dtype=w0.dtype, device=w0.device)]
-    for l in range(n - 1, -1, -1):
-        ix = index[l]
-        if ix.tail_hidden:
-            betas.append(weights[l].reshape(-1)[ix.kap_flat] * betas[-1][ix.kap_head])
-        else:
-            betas.append(torch.ones(ix.h_in, dtype=w0.dtype, device=w0.device))
+
+    def ones(h: int) -> torch.Tensor:
+        return torch.ones(h, dtype=w0.dtype, device=w0.device)
+
+    alphas = [ones(routes[0].h_in)]
+    for w, r in zip(weights, routes, strict=True):
+        alphas.append(alphas[-1][r.parent_tails(w.device)] * parents(w, r) if r.head_hidden
+                      else ones(r.h_out))
+    betas = [ones(routes[-1].h_out)]
+    for w, r in zip(reversed(weights), reversed(routes), strict=True):
+        betas.append(children(w, r) * betas[-1][r.child_heads(w.device)] if r.tail_hidden
+                     else ones(r.h_in))
     betas.reverse()
-    return alphas, betas
+    return RouteProducts(alphas, betas)
 
 
 def route_scale(alpha_in: torch.Tensor, beta_out: torch.Tensor) -> torch.Tensor:
@@ -145,42 +202,39 @@ def route_scale(alpha_in: torch.Tensor, beta_out: torch.Tensor) -> torch.Tensor:
     return beta_out[:, None, None] * alpha_in[None, :, None]
 
 
-def basis_values(weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                 index: tuple[LayerIndex, ...]
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+def basis_values(weights: Tensors, biases: list[torch.Tensor | None],
+                 routes: tuple[LayerRoutes, ...]) -> tuple[Tensors, list[torch.Tensor | None]]:
     """Basis-path values v_e = alpha(tail) * w_e * beta(head) for every edge, weight-shaped.
 
     Entries at frozen child edges hold the value of the (already counted) skeleton path through
     their tail; use :func:`representative_mask` to select the m - H basis coordinates.
     A bias of node b is an edge from a bias node: v = bias_b * beta(b).
     """
-    alphas, betas = route_products(weights, index)
+    alphas, betas = route_products(weights, routes)
     vw = [w * route_scale(alphas[l], betas[l + 1]) for l, w in enumerate(weights)]
     vb = [None if b is None else b * betas[l + 1] for l, b in enumerate(biases)]
     return vw, vb
 
 
-def representative_mask(index: tuple[LayerIndex, ...]) -> list[torch.Tensor]:
+def representative_mask(routes: tuple[LayerRoutes, ...]) -> Tensors:
     """Boolean ``(out, in, taps)`` masks: True for representative (non-frozen) edges."""
     masks = []
-    for ix in index:
-        mask = torch.ones(ix.h_out * ix.h_in * ix.taps, dtype=torch.bool)
-        mask[ix.kap_flat] = False
-        masks.append(mask.view(ix.h_out, ix.h_in, ix.taps))
+    for r in routes:
+        mask = torch.ones(r.h_out * r.h_in * r.taps, dtype=torch.bool)
+        mask[r.child_flat()] = False
+        masks.append(mask.view(r.h_out, r.h_in, r.taps))
     return masks
 
 
-def node_values(weights: list[torch.Tensor], index: tuple[LayerIndex, ...]
-                ) -> list[torch.Tensor]:
+def node_values(weights: Tensors, routes: tuple[LayerRoutes, ...]) -> Tensors:
     """N(u) = alpha(u) * beta(u): the value of the skeleton path back(u) + fwd(u), per node."""
-    alphas, betas = route_products(weights, index)
+    alphas, betas = route_products(weights, routes)
     return [a * b for a, b in zip(alphas, betas, strict=True)]
 
 
-def path_value_from_basis(basis_w: list[torch.Tensor], node_vals: list[torch.Tensor],
-                          nodes: tuple[int, ...], taps: tuple[int, ...] | None = None
-                          ) -> torch.Tensor:
-    """Value of ANY weight path from basis-path values (integer exponents +1 / -1).
+def path_value_from_basis(basis_w: Tensors, node_vals: Tensors, nodes: tuple[int, ...],
+                          taps: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Value of ANY weight path from basis-path values (integer exponents).
 
     For a path through nodes (n_0, ..., n_L) with edges e_k = (n_{k-1} -> n_k, tap t_k):
 

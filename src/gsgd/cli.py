@@ -19,15 +19,14 @@ from pathlib import Path
 
 from gsgd.experiments.config import (
     DATASET_SHAPES,
-    DEFAULT_LABELS,
     MODEL_KINDS,
-    OPTIMIZER_NAMES,
     SCHEDULES,
     Config,
     ConfigError,
     config_from_dict,
     load_config,
 )
+from gsgd.experiments.optimizers import OPTIMIZERS
 
 __all__ = ["build_parser", "demo_config", "main"]
 
@@ -142,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
     _add_model_options(p)
     p.add_argument("--optimizers", type=_str_list, default=["gsgd", "sgd"],
-                   help=f"comma-separated, from {', '.join(OPTIMIZER_NAMES)}")
+                   help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     p.add_argument("--lr", type=_float_list, default=[0.1],
                    help="one lr for all optimizers, or one per optimizer")
     p.add_argument("--momentum", type=float, default=0.0)
@@ -292,10 +291,10 @@ def _compare_config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    unknown = [o for o in args.optimizers if o not in OPTIMIZER_NAMES]
+    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown:
-        raise ConfigError(f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZER_NAMES)}")
-    labels = [DEFAULT_LABELS[o] for o in args.optimizers]
+        raise ConfigError(f"--optimizers: unknown {unknown}; allowed: {', '.join(OPTIMIZERS)}")
+    labels = [OPTIMIZERS[o].label for o in args.optimizers]
     if len(set(labels)) != len(labels):
         raise ConfigError("--optimizers: name each optimizer once (use a config file to compare "
                           "several settings of one optimizer)")

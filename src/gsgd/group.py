@@ -1,4 +1,4 @@
-"""The rescaling group G acting on a model's G-blocks (gsgd-math.md sections 1 and 7).
+"""The rescaling group G acting on a model's G-blocks (docs/math.md sections 1 and 7).
 
 G ~ (R_{>0})^H: hidden unit u scaled by c multiplies every weight into u (and u's bias) by c and
 divides every weight out of u by c. The network function is unchanged. Nothing here is done
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gsgd.basis import block_index
+from gsgd.basis import block_routes, children
 from gsgd.structure import Block, Structure, layer_view
 
 
@@ -94,12 +94,12 @@ def canonical_form(model: nn.Module, structure: Structure) -> list[list[torch.Te
     named = _named(model)
     used = []
     for block in structure.blocks:
-        index = block_index(block)
+        routes = block_routes(block)
         n = len(block.layers)
         factors: list[torch.Tensor] = [None] * (n - 1)  # type: ignore[list-item]
         for l in range(n - 1, 0, -1):
             layer = block.layers[l]
-            kappa = layer_view(named[layer.weight].data, layer).reshape(-1)[index[l].kap_flat]
+            kappa = children(layer_view(named[layer.weight].data, layer), routes[l])
             if bool((kappa == 0).any()):
                 raise ValueError(f"canonical_form: a designated child weight of {layer.module} "
                                  "is 0; no rescaling makes it +-1")
@@ -126,9 +126,9 @@ def skeleton_init(model: nn.Module, structure: Structure, keep_sign: bool = Fals
     """
     named = _named(model)
     for block in structure.blocks:
-        for layer, ix in zip(block.layers, block_index(block), strict=True):
+        for layer, r in zip(block.layers, block_routes(block), strict=True):
             flat = layer_view(named[layer.weight].data, layer).reshape(-1)
-            for positions in (ix.par_flat, ix.kap_flat):
+            for positions in (r.parent_flat(flat.device), r.child_flat(flat.device)):
                 if len(positions):
                     values = flat[positions]
                     flat[positions] = torch.where(values < 0, -1.0, 1.0).to(flat) if keep_sign \

@@ -29,6 +29,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gsgd.experiments.optimizers import OPTIMIZERS
+
 __all__ = [
     "DATASET_SHAPES",
     "OPTIMIZER_NAMES",
@@ -61,20 +63,10 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 }
 MODEL_KINDS = ("mlp", "plainnet", "resnet")
 BN_MODES = ("exact", "approximate")
-OPTIMIZER_NAMES = ("gsgd", "sgd", "pathsgd", "enorm", "adam")
-DEFAULT_LABELS = {"gsgd": "G-SGD", "sgd": "SGD", "pathsgd": "Path-SGD", "enorm": "ENorm",
-                  "adam": "Adam"}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # the registry's names, in its order
 SCHEDULES = ("constant", "exp", "step")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
-# Extra keys each optimizer accepts besides the common ones.
-OPTIMIZER_EXTRAS: dict[str, tuple[str, ...]] = {
-    "gsgd": ("max_ratio", "compile"),
-    "sgd": (),
-    "pathsgd": (),
-    "enorm": ("c",),
-    "adam": ("betas", "eps"),
-}
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")
 
 
@@ -394,7 +386,7 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "compile": _boolean,
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
-                               if k not in {x for e in OPTIMIZER_EXTRAS.values() for x in e})
+                               if not any(k in r.keys for r in OPTIMIZERS.values()))
 
 
 def _section(table: Any, section: str, schema: Mapping[str, Check],
@@ -465,13 +457,13 @@ def _init(table: Any) -> InitSection:
 
 def _optimizer(table: Any, k: int) -> OptimizerSpec:
     section = f"optimizers #{k + 1}"
-    if isinstance(table, dict) and table.get("name") in OPTIMIZER_NAMES:
+    if isinstance(table, dict) and table.get("name") in OPTIMIZERS:
         section = f"optimizers #{k + 1} ({table['name']})"
-        allowed = (*_COMMON_OPTIMIZER_KEYS, *OPTIMIZER_EXTRAS[table["name"]])
+        allowed = (*_COMMON_OPTIMIZER_KEYS, *OPTIMIZERS[table["name"]].keys)
     else:
         allowed = tuple(_OPTIMIZER_KEYS)
     values = _section(table, section, _OPTIMIZER_KEYS, required=("name", "lr"), allowed=allowed)
-    values.setdefault("label", DEFAULT_LABELS[values["name"]])
+    values.setdefault("label", OPTIMIZERS[values["name"]].label)
     if not _LABEL_RE.match(values["label"]):
         raise ConfigError(f"[{section}] label = {values['label']!r}: use letters, digits and "
                           "._@=+- (it names a directory)")

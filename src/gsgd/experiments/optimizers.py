@@ -1,89 +1,91 @@
-"""A registry of the optimizers an experiment compares, built from an :class:`OptimizerSpec`.
+"""The optimizers an experiment compares: one :class:`OptimizerRecord` each, in :data:`OPTIMIZERS`.
 
-``gsgd`` -> :class:`gsgd.optim.GSGD`, ``sgd`` -> ``torch.optim.SGD``, ``adam`` ->
-``torch.optim.Adam``, ``pathsgd`` -> ``gsgd.optim.pathsgd.PathSGD``, ``enorm`` ->
-``gsgd.optim.enorm.ENormSGD``. All start at the spec's base lr; the runner sets each epoch's lr.
+``gsgd`` -> :class:`gsgd.optim.GSGD`, ``sgd`` -> ``torch.optim.SGD``, ``pathsgd`` ->
+:class:`gsgd.optim.PathSGD`, ``enorm`` -> :class:`gsgd.optim.ENormSGD`, ``adam`` ->
+``torch.optim.Adam``. Config validation (names, default labels, per-optimizer keys), the CLI and
+:func:`build_optimizer` all read this one registry. All start at the spec's base lr; the runner
+sets each epoch's lr.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from gsgd.experiments.config import OPTIMIZER_NAMES, OptimizerSpec
+from gsgd.optim import GSGD, ENormSGD, PathSGD
 from gsgd.structure import Structure
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+if TYPE_CHECKING:  # config.py reads OPTIMIZERS, so the spec's type is imported for hints only
+    from gsgd.experiments.config import OptimizerSpec
 
-Builder = Callable[[OptimizerSpec, nn.Module, Structure], torch.optim.Optimizer]
+__all__ = ["OPTIMIZERS", "OptimizerRecord", "build_optimizer"]
 
-
-def _lazy(module: str, name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"optimizer {name} ({module}) is not available: {exc}") from exc
+Builder = Callable[..., torch.optim.Optimizer]
+"""``build(spec, model, **extra)``; ``extra`` is ``structure=`` when the record needs it."""
 
 
-def _gsgd(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.optim.Optimizer:
-    from gsgd.optim import GSGD
+@dataclass(frozen=True)
+class OptimizerRecord:
+    """One optimizer an experiment can name in ``[[optimizers]] name``."""
 
-    return GSGD(model, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                nesterov=spec.nesterov, max_ratio=spec.max_ratio, compile=spec.compile,
-                structure=structure)
-
-
-def _sgd(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                           weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+    name: str  # the config name, e.g. "gsgd"
+    label: str  # the default label (it names the results directory), e.g. "G-SGD"
+    build: Builder  # build(spec, model[, structure=...]) -> torch.optim.Optimizer
+    keys: tuple[str, ...] = ()  # the config keys it takes besides the common ones
+    needs_structure: bool = False  # build gets the model's G-structure as structure=
 
 
-def _adam(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.optim.Optimizer:
+def _sgd_like(spec: OptimizerSpec) -> dict[str, Any]:
+    """The hyper-parameters every SGD-style optimizer takes from the spec."""
+    return dict(lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                nesterov=spec.nesterov)
+
+
+def _gsgd(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    return GSGD(model, **_sgd_like(spec), max_ratio=spec.max_ratio, compile=spec.compile,
+                **extra)
+
+
+def _sgd(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), **_sgd_like(spec))
+
+
+def _pathsgd(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    return PathSGD(model, **_sgd_like(spec), **extra)
+
+
+def _enorm(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    return ENormSGD(model, **_sgd_like(spec), c=spec.c, **extra)
+
+
+def _adam(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps,
                             weight_decay=spec.weight_decay)
 
 
-def _with_structure(cls: Any, kwargs: dict[str, Any], structure: Structure) -> dict[str, Any]:
-    if "structure" in inspect.signature(cls).parameters:
-        kwargs["structure"] = structure
-    return kwargs
+def _registry(*records: OptimizerRecord) -> dict[str, OptimizerRecord]:
+    return {r.name: r for r in records}
 
 
-def _pathsgd(spec: OptimizerSpec, model: nn.Module, structure: Structure
-             ) -> torch.optim.Optimizer:
-    cls = _lazy("gsgd.optim.pathsgd", "PathSGD")
-    kwargs = dict(lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if spec.nesterov:
-        kwargs["nesterov"] = True
-    return cls(model, **_with_structure(cls, kwargs, structure))
-
-
-def _enorm(spec: OptimizerSpec, model: nn.Module, structure: Structure) -> torch.optim.Optimizer:
-    cls = _lazy("gsgd.optim.enorm", "ENormSGD")
-    kwargs = dict(lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, c=spec.c)
-    if spec.nesterov:
-        kwargs["nesterov"] = True
-    return cls(model, **_with_structure(cls, kwargs, structure))
-
-
-OPTIMIZERS: dict[str, Builder] = {
-    "gsgd": _gsgd,
-    "sgd": _sgd,
-    "adam": _adam,
-    "pathsgd": _pathsgd,
-    "enorm": _enorm,
-}
-assert tuple(sorted(OPTIMIZERS)) == tuple(sorted(OPTIMIZER_NAMES))
+OPTIMIZERS: dict[str, OptimizerRecord] = _registry(
+    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile"), needs_structure=True),
+    OptimizerRecord("sgd", "SGD", _sgd),
+    OptimizerRecord("pathsgd", "Path-SGD", _pathsgd, needs_structure=True),
+    OptimizerRecord("enorm", "ENorm", _enorm, ("c",), needs_structure=True),
+    OptimizerRecord("adam", "Adam", _adam, ("betas", "eps")),
+)
+"""name -> record, in the order configs and the CLI list them."""
 
 
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, structure: Structure
                     ) -> torch.optim.Optimizer:
     """The optimizer named by ``spec`` over all of ``model``'s parameters."""
-    if spec.name not in OPTIMIZERS:
+    record = OPTIMIZERS.get(spec.name)
+    if record is None:
         raise ValueError(f"unknown optimizer {spec.name!r}; supported: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[spec.name](spec, model, structure)
+    extra = {"structure": structure} if record.needs_structure else {}
+    return record.build(spec, model, **extra)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gsgd.experiments.runner import atomic_write_text
+from gsgd.experiments.files import atomic_open, atomic_write_text
 
 __all__ = ["OptimizerRow", "RunRecord", "load_runs", "markdown_report", "plot_curves",
            "summarize", "write_group_report", "write_report"]
@@ -243,10 +242,9 @@ def plot_curves(runs: list[RunRecord], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(exp_dir: str | Path) -> Path:

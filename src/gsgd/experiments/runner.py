@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +39,16 @@ from tqdm import tqdm
 from gsgd.data import DatasetSplits, iterate_batches, num_batches
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
+from gsgd.experiments.files import append_json_line, atomic_open, atomic_write_text
 from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.optimizers import build_optimizer
+from gsgd.experiments.report import write_group_report, write_report
 from gsgd.group import random_rescale, skeleton_init
 from gsgd.optim.common import NonFiniteError
 
 __all__ = [
     "RunInterrupted",
     "RunOptions",
-    "atomic_write_text",
     "evaluate",
     "experiment_dirs",
     "prepare_model",
@@ -84,32 +84,6 @@ class RunOptions:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _append_line(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def resolve_device(name: str, allow_cpu_fallback: bool = False) -> torch.device:
@@ -314,12 +288,13 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
 
     def checkpoint(epoch: int, batch: int, gen_state: torch.Tensor, loss_sum: float,
                    loss_count: int, elapsed: float) -> None:
-        _atomic_torch_save({
-            "version": CHECKPOINT_VERSION, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "epoch": epoch, "batch": batch, "loss_sum": loss_sum, "loss_count": loss_count,
-            "elapsed": elapsed, "history": history, "gen_state": gen_state,
-        }, ckpt_path)
+        with atomic_open(ckpt_path, "wb") as f:
+            torch.save({
+                "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "epoch": epoch, "batch": batch, "loss_sum": loss_sum, "loss_count": loss_count,
+                "elapsed": elapsed, "history": history, "gen_state": gen_state,
+            }, f)
 
     log = options.log or (lambda _msg: None)
     bar = tqdm(total=exp.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
@@ -371,7 +346,7 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                 rec = {"epoch": epoch + 1, "diverged": True, "batch": diverged[0],
                        "reason": diverged[1], "lr": lr}
                 history.append(rec)
-                _append_line(metrics_path, rec)
+                append_json_line(metrics_path, rec)
                 (tqdm.write if options.progress else log)(
                     f"{spec.label} seed{seed} DIVERGED in epoch {epoch + 1} at batch "
                     f"{diverged[0]}: {diverged[1]}")
@@ -390,7 +365,7 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                 rec["clipped"] = clipped
             history.append(rec)
             checkpoint(epoch + 1, 0, generator.get_state(), 0.0, 0, 0.0)
-            _append_line(metrics_path, rec)
+            append_json_line(metrics_path, rec)
             (tqdm.write if options.progress else log)(_epoch_line(spec.label, seed, rec,
                                                                   exp.epochs))
     finally:
@@ -424,8 +399,6 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
     several variants) unless ``report`` is False. ``data``: train on these splits instead of
     loading ``[experiment] dataset``.
     """
-    from gsgd.experiments.report import write_group_report, write_report
-
     options = options or RunOptions()
     if options.jobs < 1:
         raise ValueError(f"run_experiment: jobs = {options.jobs} must be >= 1")

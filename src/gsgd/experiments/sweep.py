@@ -17,9 +17,9 @@ from pathlib import Path
 
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_toml
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
+from gsgd.experiments.files import atomic_write_text
 from gsgd.experiments.runner import (
     RunOptions,
-    atomic_write_text,
     experiment_dirs,
     run_dir_for,
     torch_threads,

@@ -168,6 +168,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
             )
         in_blocks = {id(p) for _, ws, bs, _ in bound for p in ws + bs if p is not None}
         self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
+        self._plain_group = {id(p): gi for gi, g in enumerate(self.param_groups)
+                             for p in g["params"] if id(p) not in in_blocks}
         self._names = {id(p): n for n, p in named.items()}
         self.plain_parameters = tuple(self._names.get(id(p), "?") for p in self._plain)
         return bound

@@ -1,0 +1,582 @@
+"""The fast G-SGD step: :func:`fast_step`, the one entry point the optimizer calls.
+
+It computes what :func:`gsgd.reference.reference_step` computes (tested step by step against
+it), in few memory passes, and picks its form itself, the way ``torch.optim.sgd()`` picks its
+single-tensor, foreach or fused form:
+
+- eager (``compile=False``): per block a plan (:func:`block_plan`: route products, column sums,
+  carrier potentials Z, everything about the carriers, the ratios rho; O(H) besides the column
+  sums) and one in-place dense pass per layer (:func:`block_apply_inplace`);
+- compiled (``compile=True``), when every G-block layer is small (< :data:`SMALL_LAYER`
+  weights): ONE single-threaded graph for the whole step (:func:`fused_step`); otherwise a plan
+  graph and an apply graph per block (:func:`block_apply_masked`: one pointwise kernel per
+  layer reading w, g, buf and writing w, buf).
+
+The recursions (route products, Z, rho), the momentum rule and the ratio guard are the
+reference's own functions; only the column sums and the dense pass have fast forms here.
+
+Host syncs: ``gated=False`` reads one boolean per step (is every value finite?) before writing;
+``gated=True`` reads nothing: every write is ``where(ok, new, old)`` on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch.optim.sgd import sgd as torch_sgd
+
+from gsgd.basis import children, parents, route_products
+from gsgd.reference import (
+    BlockTensors,
+    OptTensors,
+    StepHyper,
+    Tensors,
+    carrier_potentials,
+    guard_ratio,
+    momentum_step,
+    node_ratios,
+)
+
+#: rows summed per block by the compiled column sums (see :func:`column_sums`)
+ROW_BLOCK = 8
+
+#: compile=True takes the whole step as ONE single-threaded graph when every G-block layer has
+#: fewer weights than this; larger layers get a plan graph and an apply graph per block (see
+#: benchmarks/README.md for the measurements behind the choice).
+SMALL_LAYER = 1 << 17
+
+#: [lr, momentum, dampening, weight_decay, max_ratio]: a tensor (compiled) or floats (eager)
+Hyper = torch.Tensor | tuple[float, ...]
+
+
+class StepFlags(NamedTuple):
+    """The structural choices of a step (static for a compiled graph)."""
+
+    nesterov: bool
+    has_wd: bool
+
+
+class BlockStep(NamedTuple):
+    """One block's work in a step: its tensors, its group's hyper-parameters, whether this is
+    the first momentum step (buffers are fresh zeros, buf' = d) and whether to compile."""
+
+    tensors: BlockTensors
+    hyper: StepHyper
+    first: bool = False
+    compile: bool = False
+
+
+class PlainStep(NamedTuple):
+    """Parameters outside every G-block, one param group's: plain torch SGD. ``buffers``
+    (None without momentum) is filled in place with new buffers where an entry is None."""
+
+    params: Tensors
+    grads: Tensors
+    buffers: OptTensors | None
+    hyper: StepHyper
+
+
+class StepOutcome(NamedTuple):
+    """``taken``: a bool (``gated=False``) or a 0-d device bool (``gated=True``); ``clipped``:
+    per block, the carrier ratios the guard changed in a taken step (0-d device tensors);
+    ``compile_error``: set when a graph failed to compile and its block ran eagerly."""
+
+    taken: bool | torch.Tensor
+    clipped: Tensors
+    compile_error: str | None = None
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not build the step; nothing was written."""
+
+
+# --------------------------------------------------------------------------------------------
+# Phase A: the plan of a block (reads only)
+# --------------------------------------------------------------------------------------------
+
+class Plan(NamedTuple):
+    """Everything the dense pass of a block needs, all O(H) vectors (a tuple: a compiled graph
+    can return it). ``ratios[l]`` (per head; 1 where pi(b) is not a carrier) and
+    ``carrier_bufs[l]`` are None unless the heads of layer l are hidden; ``inv_rhos[l]`` is
+    1 / rho per tail unit; ``inv_alphas`` / ``inv_betas`` are 1 / alpha and 1 / beta per node
+    layer (inverted once, so the weight-sized pass only multiplies)."""
+
+    ok: torch.Tensor
+    clipped: torch.Tensor
+    inv_alphas: Tensors
+    inv_betas: Tensors
+    inv_rhos: Tensors
+    ratios: OptTensors
+    carrier_bufs: OptTensors
+
+
+def column_sums(weights: Tensors, grads: Tensors,
+                work: Callable[[int, int], torch.Tensor] | None = None,
+                row_block: int | None = None) -> Tensors:
+    """The fast form of :func:`gsgd.reference.edge_sums`: sum over (out, taps) of w * g.
+
+    Computed from the last layer to the first (the first layers, updated first, stay in cache).
+    ``work(rows, cols)`` hands out a reusable matrix for the products (eager: no fresh
+    weight-sized memory); ``row_block`` (torch.compile) sums blocks of that many rows first, so
+    that inductor's column sum keeps that many row streams in flight.
+    """
+    sums: Tensors = []
+    for w, g in zip(reversed(weights), reversed(grads), strict=True):
+        out, h_in, taps = w.shape
+        w2, g2 = w.reshape(out, h_in * taps), g.reshape(out, h_in * taps)
+        if row_block is not None:
+            k = row_block if out % row_block == 0 and out > row_block else 1
+            col = (w2 * g2).view(out // k, k, h_in * taps).sum(1).sum(0)
+        elif work is None:
+            col = torch.linalg.vecdot(w2, g2, dim=0)
+        else:
+            col = torch.mul(w2, g2, out=work(out, h_in * taps)).sum(0)
+        sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
+    return sums[::-1]
+
+
+def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum of w * g over a layer: finite iff every weight and gradient is (one contiguous pass,
+    a BLAS dot eagerly)."""
+    if torch.compiler.is_compiling():
+        return (w * g).sum()
+    return torch.dot(w.reshape(-1), g.reshape(-1))
+
+
+def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
+               work: Callable[[int, int], torch.Tensor] | None = None) -> Plan:
+    """Phase A of one block (reads only), with the reference's recursions:
+
+        alpha, beta = route_products(w)                  Z = carrier_potentials(sums, x_kappa)
+        carrier pi(b):  d = (x - Z(b)) / v (* row scale) + wd * v,  s by momentum_step,
+                        R = guard_ratio(1 - lr * s / v)
+        rho = node_ratios(R)
+
+    ``ok``: every weight and gradient finite, every designated route finite and non-zero.
+    """
+    routes, ws, gs, gbs = t.routes, t.weights, t.grads, t.bias_grads
+    lr, mu, damp, wd, max_ratio = hp[0], hp[1], hp[2], hp[3], hp[4]
+    alphas, betas = route_products(ws, routes)
+    # Z needs column sums only where the tail units are hidden; the first layer's total serves
+    # the finite check.
+    inner = [l for l, r in enumerate(routes) if r.tail_hidden]
+    sub_w, sub_g = [ws[l] for l in inner], [gs[l] for l in inner]
+    compiling = torch.compiler.is_compiling()
+    cols = column_sums(sub_w, sub_g, row_block=ROW_BLOCK) if compiling \
+        else column_sums(sub_w, sub_g, work)
+    sums: OptTensors = [None] * len(routes)
+    for l, col in zip(inner, cols, strict=True):
+        sums[l] = col
+    totals = [col.sum() for col in cols]
+    totals += [_total(ws[l], gs[l]) for l, r in enumerate(routes) if not r.tail_hidden]
+    totals = torch.stack(totals + [gb.sum() for gb in gbs if gb is not None])
+    route_values = torch.cat(alphas + betas)
+    ok = torch.isfinite(totals).all() & torch.isfinite(route_values).all() \
+        & (route_values != 0).all()
+    child_x = [children(w, r) * children(g, r) if r.tail_hidden else None
+               for w, g, r in zip(ws, gs, routes, strict=True)]
+    Z = carrier_potentials(sums, child_x, routes)
+
+    clipped = torch.zeros((), dtype=torch.long, device=ws[0].device)
+    ratios: OptTensors = []
+    carrier_bufs: OptTensors = []
+    for l, (w, g, r) in enumerate(zip(ws, gs, routes, strict=True)):
+        if not r.head_hidden:
+            ratios.append(None)
+            carrier_bufs.append(None)
+            continue
+        car = r.carriers(w.device)
+        wc = parents(w, r)
+        vc = alphas[l][r.parent_tails(w.device)] * wc * betas[l + 1]
+        dc = (wc * parents(g, r) - Z[l + 1]) / vc
+        if t.row_scales is not None and t.row_scales[l] is not None:
+            dc = dc * t.row_scales[l]
+        if flags.has_wd:
+            dc = dc + wd * vc
+        old = None if t.buffers is None else parents(t.buffers[l], r)
+        sc, bufc = (dc, None) if old is None else momentum_step(dc, old, mu, damp, flags.nesterov)
+        ratio, n_changed = guard_ratio(torch.where(car, 1 - lr * sc / vc, 1.0), max_ratio)
+        clipped = clipped + n_changed
+        ratios.append(ratio)
+        carrier_bufs.append(None if bufc is None else torch.where(car, bufc, 0.0))
+    inv_rhos = [rho.reciprocal() for rho in node_ratios(ratios, routes)]
+    return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
+                inv_rhos, ratios, carrier_bufs)
+
+
+# --------------------------------------------------------------------------------------------
+# Phase B: the dense pass of a block
+# --------------------------------------------------------------------------------------------
+
+def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
+                 inv_beta: torch.Tensor, hp: Hyper, flags: StepFlags,
+                 row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
+    """Bias of node b (an edge from a bias node: rho = 1, v = b * beta): b -= lr * s / beta.
+    Nothing changes unless ``gate`` (when given) is true."""
+    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    db = gb * inv_beta
+    if row_scale is not None:
+        db = db * row_scale
+    if flags.has_wd:
+        db = db + wd * b / inv_beta
+    sb, new_bb = (db, None) if bias_buf is None else momentum_step(db, bias_buf, mu, damp,
+                                                                   flags.nesterov)
+    if gate is None:
+        if new_bb is not None:
+            bias_buf.copy_(new_bb)
+        b.sub_(lr * sb * inv_beta)
+        return
+    if new_bb is not None:
+        bias_buf.copy_(torch.where(gate, new_bb, bias_buf))
+    b.copy_(torch.where(gate, b - lr * sb * inv_beta, b))
+
+
+def _layer_tensors(t: BlockTensors, l: int
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(buffer, bias buffer, row scale) of layer l (None where absent)."""
+    buf = None if t.buffers is None else t.buffers[l]
+    bias_buf = None if t.bias_buffers is None else t.bias_buffers[l]
+    row_scale = None if t.row_scales is None else t.row_scales[l]
+    return buf, bias_buf, row_scale
+
+
+def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
+                       gate: torch.Tensor | None = None) -> None:
+    """Phase B with the frozen and carrier edges selected by predicates (the compile form, and
+    the eager form of a gated step). Each layer is ONE pointwise map reading w, g, buf:
+
+        w'   = w                                         frozen kappa(a) = (a mod h_out, a)
+        w'   = w * R(b) / rho(tail)                      carrier pi(b) = (b, b mod h_in)
+        w'   = (w - lr * s / c) / rho(tail)              every other edge
+        buf' = 0 | carrier buffer(b) | momentum_step(d, buf)   (same cases)
+
+    With ``gate`` (a 0-d bool) every value is written back unchanged unless it is true.
+    """
+    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    for l, (w, g, r) in enumerate(zip(t.weights, t.grads, t.routes, strict=True)):
+        buf, bias_buf, row_scale = _layer_tensors(t, l)
+        dev = w.device
+        o = r.heads(dev)[:, None, None]
+        i = r.tails(dev)[None, :, None]
+        centre = torch.arange(r.taps, device=dev)[None, None, :] == r.centre
+        inv_c = plan.inv_betas[l + 1][:, None, None] * plan.inv_alphas[l][None, :, None]
+        d = g * inv_c
+        if row_scale is not None:
+            d = d * row_scale[:, None, None]
+        if flags.has_wd:
+            d = d + wd * w / inv_c
+        s, new_buf = (d, None) if buf is None else momentum_step(d, buf, mu, damp,
+                                                                 flags.nesterov)
+        new_w = w - lr * s * inv_c
+        if r.head_hidden:
+            car = r.carriers(dev)[:, None, None] & (r.parent_tail(o) == i) & centre
+            new_w = torch.where(car, w * plan.ratios[l][:, None, None], new_w)
+            if buf is not None:
+                new_buf = torch.where(car, plan.carrier_bufs[l][:, None, None], new_buf)
+        new_w = new_w * plan.inv_rhos[l][None, :, None]
+        if r.tail_hidden:
+            frozen = (r.child_head(i) == o) & centre
+            new_w = torch.where(frozen, w, new_w)
+            if buf is not None:
+                new_buf = torch.where(frozen, 0.0, new_buf)
+        if gate is not None:
+            new_w = torch.where(gate, new_w, w)
+            new_buf = None if buf is None else torch.where(gate, new_buf, buf)
+        w.copy_(new_w)
+        if buf is not None:
+            buf.copy_(new_buf)
+        if t.biases[l] is not None:
+            _bias_update(t.biases[l], t.bias_grads[l], bias_buf, plan.inv_betas[l + 1], hp,
+                         flags, row_scale, gate)
+
+
+def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
+                         inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
+                         hp: Hyper, flags: StepFlags, row_scale: torch.Tensor | None = None,
+                         scratch: torch.Tensor | None = None) -> None:
+    """The non-carrier update of phase B on an ``(out, in * taps)`` matrix, in place:
+
+        d = g / c (* row scale) + wd * c * w,  s, buf = momentum_step(d, buf),
+        w = (w - lr * s / c) / rho(tail)
+
+    ``inv_alpha`` / ``inv_rho`` are per column (tail units repeated over their taps),
+    ``inv_beta`` per row. With momentum (no nesterov, no row scale) it allocates nothing: 1/c
+    goes into ``scratch`` (a reusable work tensor, not state) and d straight into the buffer.
+    """
+    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
+        else torch.outer(inv_beta, inv_alpha)
+    if buf is not None and row_scale is None and not flags.nesterov:
+        buf.mul_(mu).addcmul_(g, inv_c, value=1 - damp)
+        if flags.has_wd:
+            buf.addcdiv_(w, inv_c, value=wd * (1 - damp))
+        s = buf
+    else:
+        d = torch.mul(g, inv_c)
+        if row_scale is not None:
+            d.mul_(row_scale[:, None])
+        if flags.has_wd:
+            d.addcdiv_(w, inv_c, value=wd)
+        s = d
+        if buf is not None:
+            buf.mul_(mu).add_(d, alpha=1 - damp)
+            s = d.add_(buf, alpha=mu) if flags.nesterov else buf
+    inv_c.mul_(inv_rho[None, :])
+    w.mul_(inv_rho[None, :])
+    w.addcmul_(s, inv_c, value=-lr)
+
+
+def block_apply_inplace(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
+                        scratch: Callable[[int, int], torch.Tensor] | None = None) -> None:
+    """Phase B eagerly: :func:`dense_update_inplace` on every edge, then O(H) scatters write
+    the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer)."""
+    for l, (w, g, r) in enumerate(zip(t.weights, t.grads, t.routes, strict=True)):
+        buf, bias_buf, row_scale = _layer_tensors(t, l)
+        dev = w.device
+        wf = w.view(-1)
+        bf = None if buf is None else buf.view(-1)
+        frozen_w = children(w, r) if r.tail_hidden else None
+        if r.head_hidden:
+            new_par = parents(w, r) * plan.ratios[l] * plan.inv_rhos[l][r.parent_tails(dev)]
+        dense_update_inplace(w.view(r.h_out, -1), g.reshape(r.h_out, -1),
+                             None if buf is None else buf.view(r.h_out, -1),
+                             _per_tap(plan.inv_alphas[l], r.taps), plan.inv_betas[l + 1],
+                             _per_tap(plan.inv_rhos[l], r.taps), hp, flags, row_scale,
+                             None if scratch is None else scratch(r.h_out, r.h_in * r.taps))
+        if r.head_hidden:  # every parent edge; the frozen ones are restored just below
+            wf[r.parent_flat(dev)] = new_par
+            if bf is not None:
+                bf[r.parent_flat(dev)] = plan.carrier_bufs[l]
+        if r.tail_hidden:
+            wf[r.child_flat(dev)] = frozen_w
+            if bf is not None:
+                bf[r.child_flat(dev)] = 0
+        if t.biases[l] is not None:
+            _bias_update(t.biases[l], t.bias_grads[l], bias_buf, plan.inv_betas[l + 1], hp,
+                         flags, row_scale)
+
+
+def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
+    """A per-tail-unit vector expanded to the ``in * taps`` columns of the matrix view."""
+    return v if taps == 1 else v.repeat_interleave(taps)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole step as one function (the one-graph compiled form)
+# --------------------------------------------------------------------------------------------
+
+def fused_step(blocks: list[tuple[BlockTensors, Hyper, StepFlags]], plain_grads: Tensors,
+               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, Tensors]:
+    """Plans every block; ``ok`` = every plan ok, every plain gradient finite (and ``gate``);
+    then the dense passes of all blocks, which change nothing unless ``ok``.
+    Returns (ok, clip counts)."""
+    plans = [block_plan(t, hp, flags) for t, hp, flags in blocks]
+    oks = [plan.ok for plan in plans] + [torch.isfinite(g.sum()) for g in plain_grads]
+    if gate is not None:
+        oks.append(gate)
+    ok = torch.stack(oks).all()
+    for (t, hp, flags), plan in zip(blocks, plans, strict=True):
+        block_apply_masked(t, plan, hp, flags, ok)
+    return ok, [plan.clipped for plan in plans]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: graphs over a flat tuple of tensors
+# --------------------------------------------------------------------------------------------
+
+class _TensorSlot:
+    """Marks where a tensor stood in a call's arguments."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_SLOT = _TensorSlot()
+
+
+@dataclass(frozen=True)
+class _Seq:
+    """A list, tuple or named tuple (its type kept) in a call's structure."""
+
+    kind: type
+    items: tuple
+
+
+def _flatten(x: object, tensors: list[torch.Tensor]) -> object:
+    """The structure of ``x`` (hashable), its tensors appended to ``tensors`` in order."""
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+        return _SLOT
+    if isinstance(x, (list, tuple)) and not isinstance(x, StepFlags):
+        return _Seq(type(x), tuple(_flatten(item, tensors) for item in x))
+    return x  # None, numbers, bools, StepFlags, LayerRoutes: part of the structure
+
+
+def _unflatten(structure: object, tensors) -> object:
+    if structure is _SLOT:
+        return next(tensors)
+    if isinstance(structure, _Seq):
+        items = [_unflatten(item, tensors) for item in structure.items]
+        kind = structure.kind
+        return kind(items) if kind in (list, tuple) else kind(*items)
+    return structure
+
+
+class _FlatCompiled:
+    """``fn`` compiled with the TENSORS of its arguments as the graph's only inputs.
+
+    The rest of the arguments (lists, None, routes, flags) is the structure of the call: one
+    graph per structure, which closes over it as constants, so guards check a flat tuple of
+    tensors. Each graph gets a code object of its own: dynamo's recompile limit counts per code
+    object, so no process-wide setting needs raising.
+    """
+
+    def __init__(self, fn: Callable, threads: int) -> None:
+        self.fn, self.threads = fn, threads
+        self.graphs: dict[object, Callable] = {}
+
+    def __call__(self, *args):
+        tensors: list[torch.Tensor] = []
+        structure = _flatten(args, tensors)
+        graph = self.graphs.get(structure)
+        if graph is not None:
+            return graph(*tensors)
+        graph = self._compile(structure)
+        try:  # torch.compile builds the graph on this first call, before it runs
+            out = graph(*tensors)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            raise CompileFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
+                from exc
+        self.graphs[structure] = graph
+        return out
+
+    def _compile(self, structure: object) -> Callable:
+        fn = self.fn
+
+        def graph(*tensors):
+            return fn(*_unflatten(structure, iter(tensors)))
+
+        name = f"gsgd_{fn.__name__}_{len(self.graphs)}"
+        code = graph.__code__.replace(co_name=name)
+        fresh = types.FunctionType(code, graph.__globals__, name, graph.__defaults__,
+                                   graph.__closure__)
+        options = {"cpp.threads": self.threads} if self.threads >= 1 else None
+        return torch.compile(fresh, dynamic=False, options=options)
+
+
+@functools.cache
+def _compiled(fn: Callable, threads: int = -1) -> Callable:
+    """``fn`` compiled by torch.compile (lazily, once per process and call structure; static
+    shapes). ``threads`` >= 1 fixes the kernels' thread count (inductor's ``cpp.threads``)."""
+    return _FlatCompiled(fn, threads)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _hyper_tensor(values: tuple[float, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The numeric hyper-parameters as one tensor, so a schedule never triggers a recompile."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
+    """(numbers, static flags) of a block step: floats eagerly, a tensor for a graph. On the
+    first momentum step dampening is 0 (the zero buffer then becomes d)."""
+    h = step.hyper
+    values = (float(h.lr), float(h.momentum), 0.0 if step.first else float(h.dampening),
+              float(h.weight_decay), float(h.max_ratio))
+    flags = StepFlags(bool(h.nesterov), bool(h.weight_decay))
+    if not step.compile:
+        return values, flags
+    w = step.tensors.weights[0]
+    return _hyper_tensor(values, w.dtype, w.device), flags
+
+
+def _largest_layer(step: BlockStep) -> int:
+    return max(w.numel() for w in step.tensors.weights)
+
+
+def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated: bool,
+              work: Callable[[int, int], torch.Tensor] | None = None) -> StepOutcome:
+    """One G-SGD step of every block (and plain SGD of ``plain``), all or nothing.
+
+    ``gated=False``: plans, ONE host sync (all finite?), then in-place writes; a refused step
+    writes nothing and returns ``taken=False``. ``gated=True``: no host sync; every write is
+    gated on the device and ``taken`` is a 0-d device bool (a first momentum step then needs
+    dampening 0, or zero buffers would be damped: the optimizer takes such steps ungated).
+    ``work(rows, cols)`` hands the eager forms reusable matrices.
+
+    If a graph cannot be compiled before anything is written, :class:`CompileFailed` is raised
+    (the caller retries with ``compile=False``); if an apply graph fails after other blocks were
+    written, that block is applied by the same function eagerly and the outcome says so.
+    """
+    hypers = [_hyper(b) for b in blocks]
+    compiled = [i for i, b in enumerate(blocks) if b.compile]
+    one_graph = bool(compiled) and max(_largest_layer(blocks[i]) for i in compiled) < SMALL_LAYER
+    planned = [i for i, b in enumerate(blocks) if not (one_graph and b.compile)]
+    plans: dict[int, Plan] = {}
+    for i in planned:
+        t, (hp, flags) = blocks[i].tensors, hypers[i]
+        plans[i] = _compiled(block_plan)(t, hp, flags) if blocks[i].compile \
+            else block_plan(t, hp, flags, work)
+    clipped: dict[int, torch.Tensor] = {i: plans[i].clipped for i in planned}
+    oks = [plans[i].ok for i in planned]
+    plain_grads = [g for p in plain for g in p.grads]
+    if one_graph:  # plans, checks and writes (gated on ok) of the compiled blocks
+        gate = torch.stack(oks).all() if oks else None
+        args = [(blocks[i].tensors, *hypers[i]) for i in compiled]
+        ok, counts = _compiled(fused_step, 1)(args, plain_grads, gate)
+        clipped.update(zip(compiled, counts, strict=True))
+    else:
+        oks += [torch.isfinite(g.sum()) for g in plain_grads]
+        ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool)
+    if not gated and not bool(ok):  # the one host sync of the step
+        return StepOutcome(False, [])
+    gate = ok if gated else None
+    compile_error = None
+    for i in planned:
+        t, (hp, flags) = blocks[i].tensors, hypers[i]
+        if blocks[i].compile:
+            try:
+                _compiled(block_apply_masked)(t, plans[i], hp, flags, gate)
+            except CompileFailed as exc:
+                compile_error = str(exc)
+                block_apply_masked(t, plans[i], hp, flags, gate)
+        elif gated:
+            block_apply_masked(t, plans[i], hp, flags, gate)
+        else:
+            block_apply_inplace(t, plans[i], hp, flags, work)
+    for p in plain:
+        _plain_sgd(p, gate)
+    counts = [clipped[i] for i in range(len(blocks))]
+    if gated:
+        counts = [c * ok for c in counts]
+    return StepOutcome(ok if gated else True, counts, compile_error)
+
+
+def _plain_sgd(p: PlainStep, gate: torch.Tensor | None) -> None:
+    """torch.optim.SGD's own update (``torch.optim.sgd.sgd``) of the plain parameters; gated:
+    computed on copies and written where ``gate``."""
+    h = p.hyper
+    kwargs = dict(weight_decay=h.weight_decay, momentum=h.momentum, lr=h.lr,
+                  dampening=h.dampening, nesterov=bool(h.nesterov), maximize=False)
+    bufs = p.buffers if p.buffers is not None else [None] * len(p.params)
+    if gate is None:
+        torch_sgd(p.params, p.grads, bufs, **kwargs)
+        return
+    new_params = [q.clone() for q in p.params]
+    new_bufs = [None if b is None else b.clone() for b in bufs]
+    torch_sgd(new_params, p.grads, new_bufs, **kwargs)
+    for q, new in zip(p.params, new_params, strict=True):
+        q.copy_(torch.where(gate, new, q))
+    for b, new in zip(bufs, new_bufs, strict=True):
+        if b is not None:
+            b.copy_(torch.where(gate, new, b))
