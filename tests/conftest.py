@@ -59,6 +59,46 @@ def conv_chain_net() -> nn.Module:
     return net
 
 
+class TwoBlocks(nn.Module):
+    """A residual add ends a chain: two G-blocks, plus plain parameters (stem and head bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.stem = nn.Linear(6, 5)
+            self.a1, self.a2 = nn.Linear(5, 7), nn.Linear(7, 5)
+            self.b1, self.b2 = nn.Linear(5, 4, bias=False), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.a2(nn.functional.relu(self.a1(nn.functional.relu(h))))
+        return self.b2(nn.functional.relu(self.b1(h)))
+
+
+def two_block_net() -> nn.Module:
+    """:class:`TwoBlocks` in float64 from the skeleton init (input 6, 3 outputs)."""
+    from gsgd import discover, skeleton_init
+
+    net = TwoBlocks().double()
+    skeleton_init(net, discover(net))
+    return net
+
+
+def bn_approx_net() -> nn.Module:
+    """Conv-BN-ReLU twice, then a Linear (input 1x5x5, 3 outputs), float64, skeleton init of
+    the batchnorm="approximate" structure (its BN parameters get plain SGD)."""
+    from gsgd import discover, skeleton_init
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    skeleton_init(net, discover(net, batchnorm="approximate"))
+    return net
+
+
 def batch(widths: Sequence[int], size: int = 16, seed: int = 1,
           dtype: torch.dtype = F64) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and regression targets for a net with these node widths."""

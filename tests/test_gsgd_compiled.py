@@ -9,33 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import block_tensors, centres, conv_chain_net
-from gsgd import GSGD, discover, fast, skeleton_init
+from conftest import block_tensors, bn_approx_net, centres, conv_chain_net, two_block_net
+from gsgd import GSGD, discover, fast
 from gsgd.bruteforce import oracle_step
 from gsgd.optim import NonFiniteError
-
-
-class _TwoBlocks(nn.Module):
-    """A residual add ends a chain: two G-blocks, plus plain parameters (stem and head)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)
-            self.stem = nn.Linear(6, 5)
-            self.a1, self.a2 = nn.Linear(5, 7), nn.Linear(7, 5)
-            self.b1, self.b2 = nn.Linear(5, 4, bias=False), nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        h = h + self.a2(F.relu(self.a1(F.relu(h))))
-        return self.b2(F.relu(self.b1(h)))
-
-
-def _two_blocks() -> nn.Module:
-    net = _TwoBlocks().double()
-    skeleton_init(net, discover(net))
-    return net
 
 
 def _train(net: nn.Module, opt: torch.optim.Optimizer, steps: int, shape: tuple[int, ...],
@@ -56,25 +33,13 @@ def graph_form(request, monkeypatch):
     return request.param
 
 
-def _bn_net() -> nn.Module:
-    """Conv-BN-ReLU twice: with batchnorm="approximate" the G-space gradients of the
-    BN-followed conv are scaled by its filter norms (row scales in the step)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(2)
-        net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
-    skeleton_init(net, discover(net, batchnorm="approximate"))
-    return net
-
-
 NET = (conv_chain_net, (2, 4, 4), 3)
 CASES = [(*NET, dict(momentum=0.9, weight_decay=1e-3)),
          (*NET, dict(momentum=0.9, nesterov=True)),
          (*NET, dict(momentum=0.8, dampening=0.3)),
          (*NET, dict(momentum=0.0)),
-         (_two_blocks, (6,), 3, dict(momentum=0.9, weight_decay=1e-3)),
-         (_bn_net, (1, 5, 5), 3, dict(momentum=0.9, batchnorm="approximate"))]
+         (two_block_net, (6,), 3, dict(momentum=0.9, weight_decay=1e-3)),
+         (bn_approx_net, (1, 5, 5), 3, dict(momentum=0.9, batchnorm="approximate"))]
 
 
 @pytest.mark.parametrize("make, shape, classes, hp", CASES)
@@ -121,7 +86,7 @@ def test_compiled_step_equals_the_brute_force_oracle(graph_form):
 def test_compiled_step_with_a_non_finite_gradient_writes_nothing(graph_form, where):
     """A NaN anywhere (a G-block weight, a plain parameter, a bias) stops the whole step: every
     block is left exactly as it was, momentum buffers included; skip mode counts the step."""
-    net = _two_blocks()
+    net = two_block_net()
     opt = GSGD(net, lr=0.05, momentum=0.9, compile=True, on_nonfinite="skip")
     _train(net, opt, 2, (6,), 3)
     before = copy.deepcopy(net)

@@ -491,3 +491,38 @@ def test_loading_a_state_into_a_live_optimizer_replaces_the_buffers_it_steps_wit
     opt.load_state_dict(saved_state)  # new buffer tensors: the cached views must follow
     run(net, opt, data, 3, start=3)
     assert same_parameters(net, expected)
+
+
+def test_mnist_steps_through_negative_carrier_ratios_and_trains_on(monkeypatch):
+    """The paper's step where a carrier path value crosses zero (R < 0) is kept: bias-free
+    784-64-128-32-10 from the skeleton init, lr 0.1, momentum 0.9, batch 64. With the former
+    guard (every R clamped to [0.01, 100]) this run raised NonFiniteError at step 13."""
+    from gsgd import fast
+    from gsgd.data import DataUnavailableError
+
+    try:
+        mnist = load_dataset("mnist", val_size=0)
+    except DataUnavailableError as exc:
+        pytest.skip(f"MNIST not available: {exc}")
+    lowest: list[float] = []
+    guard = fast.guard_ratio
+
+    def spy(raw, max_ratio):
+        lowest.append(float(raw.min()))
+        return guard(raw, max_ratio)
+
+    monkeypatch.setattr(fast, "guard_ratio", spy)
+    x, y = mnist.train.x[:64 * 200].reshape(-1, 784), mnist.train.y[:64 * 200]
+    model = mlp([784, 64, 128, 32, 10], bias=False, seed=0)
+    skeleton_init(model, discover(model))
+    opt = GSGD(model, lr=0.1, momentum=0.9)
+    losses = []
+    for k in range(200):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[64 * k:64 * k + 64]), y[64 * k:64 * k + 64])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert min(lowest) < 0  # negative carrier ratios were taken
+    assert sum(losses[-20:]) / 20 < losses[0] - 0.5
+    assert opt.clip_counts()[0] < 20

@@ -26,10 +26,11 @@ from conftest import (
     only_block,
 )
 from gsgd import bruteforce as bf
-from gsgd.basis import block_routes
+from gsgd.basis import basis_values, block_routes, parents
 from gsgd.discovery import discover
+from gsgd.group import skeleton_init
 from gsgd.optim import GSGD
-from gsgd.reference import g_space_gradient, gsgd_step
+from gsgd.reference import g_space_gradient, gsgd_step, guard_ratio
 
 # (widths, bias per layer or for all, activation per hidden layer or for all)
 CASES = [
@@ -315,3 +316,57 @@ def test_inverse_chain_rule_satisfies_the_frozen_edge_equations(case):
     assert float(x[frozen].abs().max()) > 0  # the equations are not trivially 0 = 0
     assert_rel_close(reconstructed[frozen], x[frozen], 1e-10, "frozen-edge equations")
     assert_rel_close(reconstructed, x, 1e-10, "all chain-rule equations")
+
+
+# ------------------------------------------------------------------------------------------------
+# The carrier-ratio guard keeps the paper's step wherever |R| is within bounds
+# ------------------------------------------------------------------------------------------------
+
+def carrier_ratios(before: list[torch.Tensor], after: list[torch.Tensor], block) -> torch.Tensor:
+    """R = v'/v of every carrier (basis-path values of the parent edges that are carriers)."""
+    routes = block_routes(block)
+    v0, _ = basis_values(before, [None] * len(before), routes)
+    v1, _ = basis_values(after, [None] * len(after), routes)
+    return torch.cat([(parents(a, r) / parents(b, r))[r.carriers()]
+                      for a, b, r in zip(v1, v0, routes, strict=True) if r.head_hidden])
+
+
+def test_a_step_with_a_negative_carrier_ratio_equals_the_oracle():
+    """A large step takes a carrier path value across zero (R < 0, |R| within bounds): the
+    guard changes nothing and the reference and the optimizer take the oracle's step."""
+    net = chain_net([3, 4, 5, 2], bias=True, seed=4)
+    structure = discover(net, strict=True)
+    skeleton_init(net, structure)
+    x, y = batch([3, 4, 5, 2], seed=4)
+    mse_backward(net, x, y)
+    block = only_block(structure)
+    ws, bs = block_tensors(net, block)
+    gws, gbs = block_tensors(net, block, grads=True)
+    lr = next(lr for lr in (0.1 * 1.25 ** k for k in range(20))
+              if int(gsgd_step(ws, bs, gws, gbs, lr, block_routes(block)).clipped) == 0
+              and float(carrier_ratios(ws, gsgd_step(ws, bs, gws, gbs, lr,
+                                                     block_routes(block)).weights,
+                                       block).min()) < -0.5)
+    result = gsgd_step(ws, bs, gws, gbs, lr, block_routes(block))
+    expected_w, expected_b = bf.oracle_step(ws, bs, gws, gbs, lr)
+    ratios = carrier_ratios(ws, result.weights, block)
+    assert float(ratios.min()) < -0.5 and float(ratios.abs().min()) > 1e-2  # within bounds
+    opt = GSGD(net, lr=lr)
+    opt.step()
+    after_w, after_b = block_tensors(net, block)
+    assert opt.clip_counts() == [0]
+    for l, (w, o, e) in enumerate(zip(result.weights, after_w, expected_w, strict=True)):
+        assert_rel_close(w, e, 1e-9, f"reference weight {l}")
+        assert_rel_close(o, e, 1e-9, f"optimizer weight {l}")
+    for l, (b, o, e) in enumerate(zip(result.biases, after_b, expected_b, strict=True)):
+        assert_rel_close(b, e, 1e-9, f"reference bias {l}")
+        assert_rel_close(o, e, 1e-9, f"optimizer bias {l}")
+
+
+@pytest.mark.parametrize("raw, want", [(-0.37, -0.37), (-1e-3, -1e-2), (1e-3, 1e-2),
+                                       (0.0, 1e-2), (-500.0, -100.0), (250.0, 100.0),
+                                       (1.7, 1.7)])
+def test_guard_bounds_the_ratio_magnitude_keeping_its_sign(raw, want):
+    ratio, changed = guard_ratio(torch.tensor([raw], dtype=F64), 100.0)
+    assert float(ratio) == pytest.approx(want, rel=1e-12)
+    assert int(changed) == (raw != want)

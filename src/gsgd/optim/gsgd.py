@@ -156,13 +156,10 @@ class GSGD(GBlockOptimizer):
             with torch.enable_grad():
                 loss = closure()
         owners, steps, fresh = self._gather_blocks()
-        plain_params, plain = self._gather_plain(fresh)
+        gated = self._gated(steps)
+        plain_params, plain = self._gather_plain(fresh, gated)
         if not steps and not plain:
             return loss
-        # without a host sync a refused first momentum step would leave zero buffers behind,
-        # which dampening would then treat as started: such a step is taken ungated
-        gated = all(self.param_groups[g]["on_nonfinite"] == "skip" for g in self._groups_used()) \
-            and not any(s.first and s.hyper.dampening for s in steps)
         work = self._work
         try:
             outcome = fast_step(steps, plain, gated=gated, work=work)
@@ -178,6 +175,19 @@ class GSGD(GBlockOptimizer):
                 if buf is not None:
                     self.state[q]["momentum_buffer"] = buf
         return loss
+
+    def _gated(self, steps: list[BlockStep]) -> bool:
+        """Take the step without a host sync? Only if every group skips refused steps, and no
+        first momentum step is damped: a refused one would leave zero buffers behind, which
+        the next step would damp as if started (such a step is checked on the host)."""
+        if not all(self.param_groups[g]["on_nonfinite"] == "skip" for g in self._groups_used()):
+            return False
+        if any(s.first and s.hyper.dampening for s in steps):
+            return False
+        return not any(p.grad is not None and "momentum_buffer" not in self.state[p]
+                       and self.param_groups[self._plain_group[id(p)]]["momentum"]
+                       and self.param_groups[self._plain_group[id(p)]]["dampening"]
+                       for p in self._plain)
 
     def _groups_used(self) -> set[int]:
         return {bp.group for bp in self._blocks} | set(self._plain_group.values())
@@ -245,9 +255,10 @@ class GSGD(GBlockOptimizer):
             steps.append(BlockStep(tensors, _hyper(group), first, bool(group["compile"])))
         return owners, steps, fresh
 
-    def _gather_plain(self, fresh: list[nn.Parameter]
+    def _gather_plain(self, fresh: list[nn.Parameter], gated: bool
                       ) -> tuple[list[list[nn.Parameter]], list[PlainStep]]:
-        """The parameters outside every G-block that have a gradient, per param group."""
+        """The parameters outside every G-block that have a gradient, per param group. A gated
+        step gets zero buffers for new ones (torch SGD would make them only when it runs)."""
         by_group: dict[int, list[nn.Parameter]] = {}
         for p in self._plain:
             if p.grad is not None:
@@ -259,7 +270,7 @@ class GSGD(GBlockOptimizer):
             bufs = None
             if group["momentum"]:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
-                if group["on_nonfinite"] == "skip":  # gated: a zero buffer, not a new one
+                if gated:
                     for p, b in zip(params, bufs, strict=True):
                         if b is None:
                             fresh.append(p)

@@ -1,0 +1,297 @@
+"""The fast step takes the reference step, in every form, step by step; the optimizer shell
+around it keeps no freed tensor alive, syncs with the host at most once per step (never in skip
+mode), changes no process-wide torch setting and honours every option per param group."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.sgd import sgd as torch_sgd
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import bn_approx_net, chain_net, two_block_net
+from gsgd import GSGD, NonFiniteError, discover, fast, skeleton_init
+from gsgd.basis import block_routes
+from gsgd.reference import BlockTensors, StepHyper, reference_step
+from gsgd.structure import layer_view
+
+
+def pool_net() -> nn.Module:
+    """Conv -> ReLU -> max pool -> conv -> ReLU -> flatten -> Linear -> ReLU -> Linear, biases
+    everywhere (input 2x4x4, 3 outputs), one G-block, skeleton init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 2 * 2, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    skeleton_init(net, discover(net))
+    return net
+
+
+def mlp_net(bias: bool) -> nn.Module:
+    net = chain_net([5, 7, 4, 6, 3], bias=bias, seed=4)
+    skeleton_init(net, discover(net))
+    return net
+
+
+#: name -> (builder, input shape, GSGD keyword arguments of the model)
+NETS = {
+    "mlp+bias": (lambda: mlp_net(True), (5,), {}),
+    "mlp": (lambda: mlp_net(False), (5,), {}),
+    "conv+pool+flatten": (pool_net, (2, 4, 4), {}),
+    "bn-approximate": (bn_approx_net, (1, 5, 5), {"batchnorm": "approximate"}),
+    "two blocks + plain": (two_block_net, (6,), {}),
+}
+HYPER = {
+    "plain": {},
+    "momentum": {"momentum": 0.9},
+    "dampening": {"momentum": 0.8, "dampening": 0.3},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "weight decay": {"momentum": 0.9, "weight_decay": 1e-2},
+}
+
+
+def reference_of(opt: GSGD, model: nn.Module) -> dict[str, torch.Tensor]:
+    """What one step should make of every parameter and buffer, from the current weights,
+    gradients and buffers: the reference step for the G-blocks, torch SGD for the rest."""
+    group = opt.param_groups[0]
+    hp = StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                   group["nesterov"], group["max_ratio"])
+    named = dict(model.named_parameters())
+
+    def clone(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().clone()
+
+    def buffer(p: torch.Tensor) -> torch.Tensor | None:
+        return clone(opt.state[p].get("momentum_buffer"))
+
+    expected: dict[str, torch.Tensor] = {}
+    for block in opt.structure.blocks:
+        layers = block.layers
+        ws = [layer_view(clone(named[la.weight]), la) for la in layers]
+        gs = [layer_view(clone(named[la.weight].grad), la) for la in layers]
+        bs = [clone(named[la.bias]) if la.bias else None for la in layers]
+        gbs = [clone(named[la.bias].grad) if la.bias else None for la in layers]
+        bufs = bias_bufs = None
+        if hp.momentum:
+            bufs = [None if buffer(named[la.weight]) is None
+                    else layer_view(buffer(named[la.weight]), la) for la in layers]
+            bias_bufs = [buffer(named[la.bias]) if la.bias else None for la in layers]
+        scales = [w.reshape(w.shape[0], -1).norm(dim=1) if la.approx_bn else None
+                  for la, w in zip(layers, ws, strict=True)]
+        up = reference_step(BlockTensors(block_routes(block), ws, gs, bs, gbs, bufs, bias_bufs,
+                                         scales if any(la.approx_bn for la in layers) else None),
+                            hp)
+        for l, la in enumerate(layers):
+            expected[la.weight] = up.weights[l].reshape(named[la.weight].shape)
+            if la.bias:
+                expected[la.bias] = up.biases[l]
+            if hp.momentum:
+                expected[la.weight + " buffer"] = up.buffers[l].reshape(named[la.weight].shape)
+                if la.bias:
+                    expected[la.bias + " buffer"] = up.bias_buffers[l]
+    for name in opt.plain_parameters:
+        p = named[name]
+        new, bufs = [clone(p)], [buffer(p)]
+        torch_sgd(new, [p.grad], bufs, weight_decay=hp.weight_decay, momentum=hp.momentum,
+                  lr=hp.lr, dampening=hp.dampening, nesterov=hp.nesterov, maximize=False)
+        expected[name] = new[0]
+        if hp.momentum:
+            expected[name + " buffer"] = bufs[0]
+    return expected
+
+
+def steps_match_the_reference(net_name: str, hyper: str, dtype: torch.dtype, *,
+                              compile: bool = False, on_nonfinite: str = "raise",
+                              steps: int = 20) -> None:
+    build, shape, options = NETS[net_name]
+    model = build().to(dtype)
+    opt = GSGD(model, lr=0.05, compile=compile, on_nonfinite=on_nonfinite, **options,
+               **HYPER[hyper])
+    named = dict(model.named_parameters())
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else \
+        {"rtol": 1e-4, "atol": 1e-6}
+    gen = torch.Generator().manual_seed(5)
+    moved = False
+    for k in range(steps):
+        x = torch.randn(8, *shape, generator=gen, dtype=dtype)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        expected = reference_of(opt, model)
+        before = {n: p.detach().clone() for n, p in named.items()}
+        opt.step()
+        for name, want in expected.items():
+            if name.endswith(" buffer"):
+                got = opt.state[named[name.removesuffix(" buffer")]]["momentum_buffer"]
+            else:
+                got = named[name].detach()
+                moved = moved or not torch.equal(got, before[name])
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name, k=k:
+                                       f"step {k}, {n}: {m}")
+    assert moved, "the steps must move the weights"
+    assert opt.skipped_steps() == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("hyper", list(HYPER))
+@pytest.mark.parametrize("net_name", list(NETS))
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"], ids=["in-place", "gated"])
+def test_eager_fast_step_takes_the_reference_step(net_name, hyper, dtype, on_nonfinite):
+    """Both eager forms: in place after one host check (raise mode), gated on the device
+    (skip mode), over the whole grid, 20 steps each, weights and buffers."""
+    steps_match_the_reference(net_name, hyper, dtype, on_nonfinite=on_nonfinite)
+
+
+@pytest.fixture(params=["one graph", "plan + apply graphs"])
+def graph_form(request, monkeypatch):
+    """Both compiled forms: SMALL_LAYER decides which one a network takes."""
+    monkeypatch.setattr(fast, "SMALL_LAYER", 1 << 30 if request.param == "one graph" else 0)
+    return request.param
+
+
+COMPILED_CASES = [
+    ("conv+pool+flatten", "weight decay", torch.float64, "raise"),
+    ("conv+pool+flatten", "nesterov", torch.float64, "raise"),
+    ("mlp+bias", "dampening", torch.float64, "skip"),
+    ("bn-approximate", "momentum", torch.float32, "raise"),
+    ("two blocks + plain", "plain", torch.float32, "skip"),
+]
+
+
+@pytest.mark.parametrize("net_name, hyper, dtype, on_nonfinite", COMPILED_CASES)
+def test_compiled_fast_step_takes_the_reference_step(graph_form, net_name, hyper, dtype,
+                                                     on_nonfinite):
+    steps_match_the_reference(net_name, hyper, dtype, compile=True, on_nonfinite=on_nonfinite)
+
+
+# ------------------------------------------------------------------- the shell around it
+
+def backward(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, *shape, generator=gen, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=gen)).backward()
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_gradient_freed_by_zero_grad_is_not_kept_alive(compile):
+    model = two_block_net()
+    opt = GSGD(model, lr=0.01, momentum=0.9, compile=compile)
+    for seed in range(2):
+        opt.zero_grad(set_to_none=True)
+        backward(model, (6,), seed)
+        opt.step()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the calls that copy a tensor's value to the host (``.item()``, ``bool()``,
+    ``int()``, ``float()`` of a tensor all dispatch to aten._local_scalar_dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("hyper", ["plain", "momentum", "weight decay", "nesterov"])
+@pytest.mark.parametrize("on_nonfinite, most", [("raise", 1), ("skip", 0)])
+def test_a_step_syncs_with_the_host_at_most_once_and_never_in_skip_mode(on_nonfinite, most,
+                                                                        hyper):
+    model = two_block_net()  # two G-blocks and plain parameters
+    opt = GSGD(model, lr=0.01, on_nonfinite=on_nonfinite, **HYPER[hyper])
+    for seed in range(3):  # the first step (new buffers) and later ones
+        opt.zero_grad()
+        backward(model, (6,), seed)
+        with HostSyncs() as syncs:
+            opt.step()
+        assert syncs.count <= most, f"step {seed}: {syncs.count} host syncs"
+    assert opt.clip_counts() == [0, 0] and opt.skipped_steps() == [0]  # read when asked
+
+
+def test_a_refused_step_in_skip_mode_is_counted_without_a_host_sync():
+    model = two_block_net()
+    opt = GSGD(model, lr=0.01, momentum=0.9, on_nonfinite="skip")
+    opt.zero_grad()
+    backward(model, (6,))
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    backward(model, (6,), 1)
+    model.a1.weight.grad[0, 0] = float("nan")
+    with HostSyncs() as syncs:
+        opt.step()
+    assert syncs.count == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.skipped_steps() == [1] and opt.param_groups[0]["skipped_steps"] == 1
+
+
+def test_compiled_steps_leave_the_dynamo_settings_as_they_were():
+    import torch._dynamo
+
+    before = dict(torch._dynamo.config.get_config_copy())
+    for build, shape in ((two_block_net, (6,)), (pool_net, (2, 4, 4))):
+        model = build()
+        opt = GSGD(model, lr=0.01, momentum=0.9, compile=True)
+        for seed in range(2):
+            opt.zero_grad()
+            backward(model, shape, seed)
+            opt.step()
+    assert dict(torch._dynamo.config.get_config_copy()) == before
+
+
+def groups_of(model: nn.Module, **second) -> list[dict]:
+    """Block a (a1, a2) in group 0; block b (b1, b2) and the plain stem in group 1."""
+    first = [p for n, p in model.named_parameters() if n.startswith("a")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("a")]
+    return [{"params": first}, {"params": rest, **second}]
+
+
+def test_on_nonfinite_is_honoured_per_param_group():
+    model = two_block_net()
+    opt = GSGD(groups_of(model, on_nonfinite="skip"), lr=0.01, model=model)
+    opt.zero_grad()
+    backward(model, (6,))
+    model.b1.weight.grad[0, 0] = float("nan")  # in the skipping group: the step is skipped
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.skipped_steps() == [1, 1]
+    model.a1.weight.grad[0, 0] = float("nan")  # in the raising group: it raises
+    with pytest.raises(NonFiniteError, match=r"a1\.weight"):
+        opt.step()
+
+
+def test_hyper_parameters_are_honoured_per_param_group():
+    """Each group's lr, momentum, weight decay and max_ratio reach its own blocks and plain
+    parameters: a step equals that of an optimizer with the group's settings everywhere."""
+    first = {"lr": 0.01, "momentum": 0.9}
+    second = {"lr": 3.0, "momentum": 0.5, "nesterov": True, "max_ratio": 1.5,
+              "weight_decay": 1e-3}
+    model = two_block_net()
+    opt = GSGD(groups_of(model, **second), model=model, **first)
+    nets = {}
+    for key, settings in (("a", first), ("rest", second)):
+        twin = nets[key] = two_block_net()
+        alone = GSGD(twin, **settings)
+        backward(twin, (6,))
+        alone.step()
+    backward(model, (6,))
+    opt.step()
+    assert opt.clip_counts()[0] == 0 < opt.clip_counts()[1]  # max_ratio 1.5 at lr 3 clips
+    for name, p in model.named_parameters():
+        twin = nets["a" if name.startswith("a") else "rest"]
+        torch.testing.assert_close(p, twin.get_parameter(name), rtol=1e-12, atol=1e-14,
+                                   msg=name)
