@@ -18,7 +18,7 @@ Route products alpha / beta, basis-path values and node values are pure function
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -26,20 +26,6 @@ import torch
 from gsgd.structure import Block
 
 Tensors = list[torch.Tensor]
-
-_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _cached(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Integer index data that depends only on the widths: built once per device and kept
-    eagerly; traced (free inside a kernel) under torch.compile."""
-    if torch.compiler.is_compiling():
-        return make()
-    value = _CACHE.get(key)
-    if value is None:
-        value = _CACHE[key] = make()
-    return value
-
 
 @dataclass(frozen=True)
 class LayerRoutes:
@@ -58,6 +44,15 @@ class LayerRoutes:
     centre: int = 0
     tail_hidden: bool = False
     head_hidden: bool = False
+    # index vectors per (name, device), built on first use (not part of the value)
+    _vectors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:  # hashed on every compiled call: computed once
+        value = self._vectors.get("hash")
+        if value is None:
+            value = self._vectors["hash"] = hash((self.h_in, self.h_out, self.taps, self.centre,
+                                                  self.tail_hidden, self.head_hidden))
+        return value
 
     # ---- the rules, on ints or integer tensors
     def parent_tail(self, b):
@@ -86,7 +81,15 @@ class LayerRoutes:
     # ---- the same as index vectors on a device (cached eagerly, traced when compiling)
     def _vector(self, name: str, device: torch.device | None,
                 make: Callable[[torch.device | None], torch.Tensor]) -> torch.Tensor:
-        return _cached((self, name, device), lambda: make(device))
+        """Index data that depends only on the widths: built once per device and kept eagerly;
+        traced (free inside a kernel) under torch.compile."""
+        key = (name, device)
+        value = self._vectors.get(key)
+        if value is None:
+            if torch.compiler.is_compiling():
+                return make(device)
+            value = self._vectors[key] = make(device)
+        return value
 
     def heads(self, device: torch.device | None = None) -> torch.Tensor:
         """b = 0 .. h_out-1."""
@@ -173,25 +176,35 @@ def children(t: torch.Tensor, r: LayerRoutes) -> torch.Tensor:
 
 
 def route_products(weights: Tensors, routes: tuple[LayerRoutes, ...]) -> RouteProducts:
-    """The route products, O(H):
+    """The route products of a block's weights (``(out, in, taps)`` views), O(H): see
+    :func:`chain_products`."""
+    return chain_products([parents(w, r) if r.head_hidden else None
+                           for w, r in zip(weights, routes, strict=True)],
+                          [children(w, r) if r.tail_hidden else None
+                           for w, r in zip(weights, routes, strict=True)], routes, weights[0])
+
+
+def chain_products(parent_w: list[torch.Tensor | None], child_w: list[torch.Tensor | None],
+                   routes: tuple[LayerRoutes, ...], like: torch.Tensor) -> RouteProducts:
+    """The recursions of the route products, from the designated weights of every layer
+    (``parent_w[l]`` = w^l[pi(b)] per head, ``child_w[l]`` = w^l[kappa(a)] per tail):
 
         alpha(input) = 1,  alpha(l+1, b) = alpha(l, b mod h_l) * w^l[pi(b)]
         beta(output) = 1,  beta(l, a)    = w^l[kappa(a)] * beta(l+1, a mod h_{l+1})
 
-    ``weights`` are ``(out, in, taps)`` views (or anything of that many elements).
+    ``like`` gives the dtype and device (a block of one layer has no designated weights).
     """
-    w0 = weights[0]
 
     def ones(h: int) -> torch.Tensor:
-        return torch.ones(h, dtype=w0.dtype, device=w0.device)
+        return torch.ones(h, dtype=like.dtype, device=like.device)
 
     alphas = [ones(routes[0].h_in)]
-    for w, r in zip(weights, routes, strict=True):
-        alphas.append(alphas[-1][r.parent_tails(w.device)] * parents(w, r) if r.head_hidden
+    for pw, r in zip(parent_w, routes, strict=True):
+        alphas.append(alphas[-1][r.parent_tails(like.device)] * pw if r.head_hidden
                       else ones(r.h_out))
     betas = [ones(routes[-1].h_out)]
-    for w, r in zip(reversed(weights), reversed(routes), strict=True):
-        betas.append(children(w, r) * betas[-1][r.child_heads(w.device)] if r.tail_hidden
+    for cw, r in zip(reversed(child_w), reversed(routes), strict=True):
+        betas.append(cw * betas[-1][r.child_heads(like.device)] if r.tail_hidden
                      else ones(r.h_in))
     betas.reverse()
     return RouteProducts(alphas, betas)

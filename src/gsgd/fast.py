@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
-from gsgd.basis import children, parents, route_products
+from gsgd.basis import chain_products, children, parents
 from gsgd.reference import (
     BlockTensors,
     OptTensors,
@@ -161,7 +161,9 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
     """
     routes, ws, gs, gbs = t.routes, t.weights, t.grads, t.bias_grads
     lr, mu, damp, wd, max_ratio = hp[0], hp[1], hp[2], hp[3], hp[4]
-    alphas, betas = route_products(ws, routes)
+    par_w = [parents(w, r) if r.head_hidden else None for w, r in zip(ws, routes, strict=True)]
+    kap_w = [children(w, r) if r.tail_hidden else None for w, r in zip(ws, routes, strict=True)]
+    alphas, betas = chain_products(par_w, kap_w, routes, ws[0])
     # Z needs column sums only where the tail units are hidden; the first layer's total serves
     # the finite check.
     inner = [l for l, r in enumerate(routes) if r.tail_hidden]
@@ -178,8 +180,8 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
     route_values = torch.cat(alphas + betas)
     ok = torch.isfinite(totals).all() & torch.isfinite(route_values).all() \
         & (route_values != 0).all()
-    child_x = [children(w, r) * children(g, r) if r.tail_hidden else None
-               for w, g, r in zip(ws, gs, routes, strict=True)]
+    child_x = [kw * children(g, r) if r.tail_hidden else None
+               for kw, g, r in zip(kap_w, gs, routes, strict=True)]
     Z = carrier_potentials(sums, child_x, routes)
 
     clipped = torch.zeros((), dtype=torch.long, device=ws[0].device)
@@ -191,7 +193,7 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
             carrier_bufs.append(None)
             continue
         car = r.carriers(w.device)
-        wc = parents(w, r)
+        wc = par_w[l]
         vc = alphas[l][r.parent_tails(w.device)] * wc * betas[l + 1]
         dc = (wc * parents(g, r) - Z[l + 1]) / vc
         if t.row_scales is not None and t.row_scales[l] is not None:

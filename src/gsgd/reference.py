@@ -109,8 +109,7 @@ def carrier_potentials(col_sums: OptTensors, child_x: OptTensors,
         r = routes[l]
         z = col_sums[l] - child_x[l]
         if r.head_hidden:
-            inflow = Z[l + 1][r.child_heads(z.device)]
-            z = z + torch.where(r.passing(z.device), inflow, torch.zeros_like(inflow))
+            z = z + torch.where(r.passing(z.device), Z[l + 1][r.child_heads(z.device)], 0.0)
         Z[l] = z
     return Z
 
@@ -153,8 +152,7 @@ def guard_ratio(raw: torch.Tensor, max_ratio: float | torch.Tensor
     """The carrier-ratio guard (section 7): |R| bounded to [1/max_ratio, max_ratio], its sign
     kept (a negative R is an ordinary step: the basis-path value crosses zero); NaN -> 1.
     Returns (R, how many entries it changed). Within bounds R is untouched."""
-    magnitude = raw.abs().clamp(1 / max_ratio, max_ratio)
-    ratio = torch.where(raw < 0, -magnitude, magnitude).nan_to_num(nan=1.0)
+    ratio = torch.copysign(raw.abs().clamp(1 / max_ratio, max_ratio), raw).nan_to_num(nan=1.0)
     return ratio, (ratio != raw).sum()
 
 
@@ -190,7 +188,12 @@ def momentum_step(d, buf, momentum, dampening, nesterov: bool):
     Returns (s, buf'). The fast step passes a zero buffer and dampening 0 on the first step,
     which gives the same buf' = d.
     """
-    new = d if buf is None else momentum * buf + (1 - dampening) * d
+    if buf is None:
+        new = d
+    elif isinstance(momentum, float):  # two ops (the same sum)
+        new = torch.add(d * (1 - dampening), buf, alpha=momentum)
+    else:
+        new = momentum * buf + (1 - dampening) * d
     return (d + momentum * new if nesterov else new), new
 
 
