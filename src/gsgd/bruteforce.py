@@ -1,6 +1,6 @@
 """Brute-force G-space oracle for tiny G-blocks (chains), in float64.
 
-Everything here is built the slow, explicit way (gsgd-math.md sections 2-5, 8): enumerate every
+Everything here is built the slow, explicit way (docs/math.md sections 2-5, 8): enumerate every
 path, build the dense path-incidence matrix, walk the designated routes edge by edge, solve the
 chain rule by least squares and allocate weights with the integer inverse of the basis matrix.
 It deliberately shares no code with :mod:`gsgd.basis` or the fast optimizer, so that tests can use
@@ -304,7 +304,7 @@ def incidence_matrix(widths: Sequence[int], taps: Sequence[int] | None = None,
 
 def path_rank(widths: Sequence[int], taps: Sequence[int] | None = None,
               has_bias: bool | Sequence[bool] = False, max_paths: int = MAX_PATHS) -> int:
-    """Rank of the full path incidence matrix (gsgd-math.md section 2: it is m - H)."""
+    """Rank of the full path incidence matrix (docs/math.md section 2: it is m - H)."""
     mat = incidence_matrix(widths, taps, has_bias, max_paths)
     return int(torch.linalg.matrix_rank(mat).item())
 

@@ -8,7 +8,7 @@ list of its leaf modules.
 Two layers (Linear or Conv2d; with ``batchnorm="exact"`` also a batch norm's affine pair) are
 joined when the output of the first reaches the second only through positively homogeneous,
 unit-wise maps (ReLU family, identity, dropout, max / average pooling, global average pooling,
-flatten) and is used nowhere else (gsgd-math.md section 8). Anything else ends the chain there
+flatten) and is used nowhere else (docs/math.md section 8). Anything else ends the chain there
 (a residual add ends it naturally: one block per residual branch); the reason is recorded in
 ``Structure.notes`` (or raised, with ``strict=True``) naming the module path.
 

@@ -4,7 +4,7 @@ A G-block is a chain of layers W^0 .. W^{n-1} joined by positively homogeneous m
 layer's weight is viewed as a tensor of shape ``(out, in, taps)``: ``taps`` parallel edges join
 each (out-unit, in-unit) pair (1 for Linear, kh*kw for a conv, HW for a Linear after a flatten).
 The block's node layers are 0..n; layers 1..n-1 are hidden units, layer 0 the block input and
-layer n its output (gsgd-math.md sections 3 and 8).
+layer n its output (docs/math.md sections 3 and 8).
 
 This module only holds the description; ``gsgd.discovery`` finds it in an ``nn.Module``.
 """

@@ -1,7 +1,7 @@
 r"""ENorm: equi-normalisation (Stock, Graham, Gribonval, Jegou, ICLR 2019) as a post-step.
 
 After an optimizer step, every hidden unit u of every G-block is rescaled by the group G
-(gsgd-math.md section 1; the network function does not change) so that the layer norms balance:
+(docs/math.md section 1; the network function does not change) so that the layer norms balance:
 
 .. code-block:: text
 

@@ -1,7 +1,7 @@
 r"""Path-SGD (Neyshabur, Salakhutdinov, Srebro, NeurIPS 2015) on the G-blocks of a model.
 
 Path-SGD is the diagonal approximation of steepest descent with respect to the (squared) l2 path
-regulariser ``phi(w) = sum over paths p of v_p^2`` (gsgd-math.md section 9):
+regulariser ``phi(w) = sum over paths p of v_p^2`` (docs/math.md section 9):
 
 .. code-block:: text
 
