@@ -1,4 +1,4 @@
-"""The heart of G-SGD: training is invariant under the rescaling group G (docs/math.md sections 1, 6).
+"""The heart of G-SGD: training is invariant under the rescaling group G (docs/math.md s. 1, 6).
 
 Two networks related by a random positive rescaling of their hidden units (factors e^U(-2, 2),
 ``gsgd.group.random_rescale``) compute the same function. Trained by GSGD (with G-space momentum
