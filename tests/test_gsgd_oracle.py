@@ -369,4 +369,4 @@ def test_a_step_with_a_negative_carrier_ratio_equals_the_oracle():
 def test_guard_bounds_the_ratio_magnitude_keeping_its_sign(raw, want):
     ratio, changed = guard_ratio(torch.tensor([raw], dtype=F64), 100.0)
     assert float(ratio) == pytest.approx(want, rel=1e-12)
-    assert int(changed) == (raw != want)
+    assert bool(changed) == (raw != want)

@@ -184,7 +184,7 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
                for kw, g, r in zip(kap_w, gs, routes, strict=True)]
     Z = carrier_potentials(sums, child_x, routes)
 
-    clipped = torch.zeros((), dtype=torch.long, device=ws[0].device)
+    changed: Tensors = []
     ratios: OptTensors = []
     carrier_bufs: OptTensors = []
     for l, (w, g, r) in enumerate(zip(ws, gs, routes, strict=True)):
@@ -202,11 +202,13 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
             dc = dc + wd * vc
         old = None if t.buffers is None else parents(t.buffers[l], r)
         sc, bufc = (dc, None) if old is None else momentum_step(dc, old, mu, damp, flags.nesterov)
-        ratio, n_changed = guard_ratio(torch.where(car, 1 - lr * sc / vc, 1.0), max_ratio)
-        clipped = clipped + n_changed
+        ratio, mask = guard_ratio(torch.where(car, 1 - lr * sc / vc, 1.0), max_ratio)
+        changed.append(mask)
         ratios.append(ratio)
         carrier_bufs.append(None if bufc is None else torch.where(car, bufc, 0.0))
     inv_rhos = [rho.reciprocal() for rho in node_ratios(ratios, routes)]
+    clipped = torch.cat(changed).sum() if changed else \
+        torch.zeros((), dtype=torch.long, device=ws[0].device)
     return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
                 inv_rhos, ratios, carrier_bufs)
 

@@ -151,9 +151,9 @@ def guard_ratio(raw: torch.Tensor, max_ratio: float | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The carrier-ratio guard (section 7): |R| bounded to [1/max_ratio, max_ratio], its sign
     kept (a negative R is an ordinary step: the basis-path value crosses zero); NaN -> 1.
-    Returns (R, how many entries it changed). Within bounds R is untouched."""
+    Returns (R, which entries it changed: a boolean mask). Within bounds R is untouched."""
     ratio = torch.copysign(raw.abs().clamp(1 / max_ratio, max_ratio), raw).nan_to_num(nan=1.0)
-    return ratio, (ratio != raw).sum()
+    return ratio, ratio != raw
 
 
 def node_ratios(ratios: OptTensors, routes: tuple[LayerRoutes, ...]) -> Tensors:
@@ -229,7 +229,7 @@ def allocate(weights: Tensors, biases: OptTensors, steps: Tensors, bias_steps: O
         raw = torch.where(r.carriers(w.device), 1 - lr * parents(s, r) / vc, 1.0)
         ratio, changed = guard_ratio(raw, max_ratio)
         ratios.append(ratio)
-        clipped = clipped + changed
+        clipped = clipped + changed.sum()
     rhos = node_ratios(ratios, routes)
     new_w: Tensors = []
     new_b: OptTensors = []
