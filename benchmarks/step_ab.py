@@ -32,7 +32,24 @@ from gsgd import GSGD, discover, skeleton_init
 from gsgd.models import mlp
 
 MODELS = {"mlp-big": ([784, 1000, 1000, 1000, 10], True, 128),
-          "mlp-small": ([784, 64, 64, 64, 64, 10], False, 64)}
+          "mlp-small": ([784, 64, 64, 64, 64, 10], False, 64),
+          "resnet20": ("resnet", None, 128),
+          "plainnet": ("plainnet", None, 128)}
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...], int]:
+    """(model from the skeleton init, input shape, batch) of a benchmark case."""
+    widths, bias, batch = MODELS[name]
+    if isinstance(widths, str):
+        from gsgd.models import cnn
+
+        make = cnn.resnet if widths == "resnet" else cnn.plainnet
+        model = make(depth=20, in_channels=1, num_classes=10, batchnorm=False, seed=0)
+        shape = (1, 28, 28)
+    else:
+        model, shape = mlp(widths, bias=bias, seed=0), (widths[0],)
+    skeleton_init(model, discover(model))
+    return model, shape, batch
 
 
 def import_revision(rev: str, into: Path):
@@ -56,13 +73,11 @@ def import_revision(rev: str, into: Path):
 
 def measure(name: str, old_gsgd, repeats: int) -> dict[str, float]:
     """Median step time (ms) per method, interleaved, on one fixed gradient."""
-    widths, bias, batch = MODELS[name]
-    base = mlp(widths, bias=bias, seed=0)
-    skeleton_init(base, discover(base))
+    base, shape, batch = build(name)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch, widths[0], generator=gen), torch.randint(0, 10, (batch,),
-                                                                      generator=gen)
-    lr = 1e-6  # tiny: the timed steps repeat one gradient over and over
+    x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,),
+                                                                    generator=gen)
+    lr = 1e-9  # tiny: the timed steps repeat one gradient over and over
     makers = {
         "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, foreach=True),
         "rev eager": lambda m: old_gsgd(m, lr=lr, momentum=0.9),

@@ -53,12 +53,14 @@ HYPER = {
     "dampening": {"momentum": 0.8, "dampening": 0.3},
     "nesterov": {"momentum": 0.9, "nesterov": True},
     "weight decay": {"momentum": 0.9, "weight_decay": 1e-2},
+    "guard": {"momentum": 0.9, "max_ratio": 1.01},  # the ratio guard changes some ratios
 }
 
 
-def reference_of(opt: GSGD, model: nn.Module) -> dict[str, torch.Tensor]:
+def reference_of(opt: GSGD, model: nn.Module) -> tuple[dict[str, torch.Tensor], list[int]]:
     """What one step should make of every parameter and buffer, from the current weights,
-    gradients and buffers: the reference step for the G-blocks, torch SGD for the rest."""
+    gradients and buffers: the reference step for the G-blocks, torch SGD for the rest; and
+    how many carrier ratios the reference's guard changed, per block."""
     group = opt.param_groups[0]
     hp = StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                    group["nesterov"], group["max_ratio"])
@@ -71,6 +73,7 @@ def reference_of(opt: GSGD, model: nn.Module) -> dict[str, torch.Tensor]:
         return clone(opt.state[p].get("momentum_buffer"))
 
     expected: dict[str, torch.Tensor] = {}
+    clipped: list[int] = []
     for block in opt.structure.blocks:
         layers = block.layers
         ws = [layer_view(clone(named[la.weight]), la) for la in layers]
@@ -87,6 +90,7 @@ def reference_of(opt: GSGD, model: nn.Module) -> dict[str, torch.Tensor]:
         up = reference_step(BlockTensors(block_routes(block), ws, gs, bs, gbs, bufs, bias_bufs,
                                          scales if any(la.approx_bn for la in layers) else None),
                             hp)
+        clipped.append(int(up.clipped))
         for l, la in enumerate(layers):
             expected[la.weight] = up.weights[l].reshape(named[la.weight].shape)
             if la.bias:
@@ -103,7 +107,7 @@ def reference_of(opt: GSGD, model: nn.Module) -> dict[str, torch.Tensor]:
         expected[name] = new[0]
         if hp.momentum:
             expected[name + " buffer"] = bufs[0]
-    return expected
+    return expected, clipped
 
 
 def steps_match_the_reference(net_name: str, hyper: str, dtype: torch.dtype, *,
@@ -118,12 +122,14 @@ def steps_match_the_reference(net_name: str, hyper: str, dtype: torch.dtype, *,
         {"rtol": 1e-4, "atol": 1e-6}
     gen = torch.Generator().manual_seed(5)
     moved = False
+    clips = [0] * len(opt.structure.blocks)
     for k in range(steps):
         x = torch.randn(8, *shape, generator=gen, dtype=dtype)
         y = torch.randint(0, 3, (8,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        expected = reference_of(opt, model)
+        expected, clipped = reference_of(opt, model)
+        clips = [a + b for a, b in zip(clips, clipped, strict=True)]
         before = {n: p.detach().clone() for n, p in named.items()}
         opt.step()
         for name, want in expected.items():
@@ -136,6 +142,9 @@ def steps_match_the_reference(net_name: str, hyper: str, dtype: torch.dtype, *,
                                        f"step {k}, {n}: {m}")
     assert moved, "the steps must move the weights"
     assert opt.skipped_steps() == [0]
+    assert opt.clip_counts() == clips
+    assert (sum(clips) > 0) == (hyper == "guard")
+    assert opt.param_groups[0]["compile"] is compile  # a compiled case did not fall back
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -161,6 +170,7 @@ COMPILED_CASES = [
     ("mlp+bias", "dampening", torch.float64, "skip"),
     ("bn-approximate", "momentum", torch.float32, "raise"),
     ("two blocks + plain", "plain", torch.float32, "skip"),
+    ("mlp", "guard", torch.float64, "skip"),
 ]
 
 
@@ -240,8 +250,13 @@ def test_a_refused_step_in_skip_mode_is_counted_without_a_host_sync():
 
 def test_compiled_steps_leave_the_dynamo_settings_as_they_were():
     import torch._dynamo
+    import torch._inductor.config
 
-    before = dict(torch._dynamo.config.get_config_copy())
+    def settings() -> tuple[dict, dict]:
+        return (dict(torch._dynamo.config.get_config_copy()),
+                dict(torch._inductor.config.get_config_copy()))
+
+    before = settings()
     for build, shape in ((two_block_net, (6,)), (pool_net, (2, 4, 4))):
         model = build()
         opt = GSGD(model, lr=0.01, momentum=0.9, compile=True)
@@ -249,7 +264,7 @@ def test_compiled_steps_leave_the_dynamo_settings_as_they_were():
             opt.zero_grad()
             backward(model, shape, seed)
             opt.step()
-    assert dict(torch._dynamo.config.get_config_copy()) == before
+    assert settings() == before
 
 
 def groups_of(model: nn.Module, **second) -> list[dict]:
@@ -275,22 +290,28 @@ def test_on_nonfinite_is_honoured_per_param_group():
 
 
 def test_hyper_parameters_are_honoured_per_param_group():
-    """Each group's lr, momentum, weight decay and max_ratio reach its own blocks and plain
-    parameters: a step equals that of an optimizer with the group's settings everywhere."""
+    """Each group's lr, momentum, dampening, weight decay and max_ratio reach its own blocks
+    and plain parameters: given the same gradients, three steps equal those of an optimizer
+    with the group's settings everywhere."""
     first = {"lr": 0.01, "momentum": 0.9}
-    second = {"lr": 3.0, "momentum": 0.5, "nesterov": True, "max_ratio": 1.5,
+    second = {"lr": 0.3, "momentum": 0.5, "dampening": 0.2, "max_ratio": 1.05,
               "weight_decay": 1e-3}
     model = two_block_net()
-    opt = GSGD(groups_of(model, **second), model=model, **first)
-    nets = {}
-    for key, settings in (("a", first), ("rest", second)):
-        twin = nets[key] = two_block_net()
-        alone = GSGD(twin, **settings)
-        backward(twin, (6,))
-        alone.step()
-    backward(model, (6,))
-    opt.step()
-    assert opt.clip_counts()[0] == 0 < opt.clip_counts()[1]  # max_ratio 1.5 at lr 3 clips
+    nets = {"a": two_block_net(), "rest": two_block_net()}
+    opts = {"model": GSGD(groups_of(model, **second), model=model, **first),
+            "a": GSGD(nets["a"], **first), "rest": GSGD(nets["rest"], **second)}
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):  # gradients that do not depend on the weights: the same for all three
+        grads = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                 for n, p in model.named_parameters()}
+        for net in (model, *nets.values()):
+            for n, p in net.named_parameters():
+                p.grad = grads[n].clone()
+        for opt in opts.values():
+            opt.step()
+    assert opts["model"].clip_counts()[0] == 0 < opts["model"].clip_counts()[1]
+    assert opts["model"].clip_counts() == [opts["a"].clip_counts()[0],
+                                           opts["rest"].clip_counts()[1]]
     for name, p in model.named_parameters():
         twin = nets["a" if name.startswith("a") else "rest"]
         torch.testing.assert_close(p, twin.get_parameter(name), rtol=1e-12, atol=1e-14,

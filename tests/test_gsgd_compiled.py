@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import block_tensors, bn_approx_net, centres, conv_chain_net, two_block_net
-from gsgd import GSGD, discover, fast
+from gsgd import GSGD, discover, fast, graphs
 from gsgd.bruteforce import oracle_step
 from gsgd.optim import NonFiniteError
 
@@ -116,7 +116,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_step_with_a_warning(graph_fo
         return fail
 
     # fresh graph caches, so that every graph is built (and fails) in this test
-    monkeypatch.setattr(fast, "_compiled", lambda fn, threads=-1: fast._FlatCompiled(fn, threads))
+    monkeypatch.setattr(fast, "compiled", lambda fn, threads=-1: graphs.FlatCompiled(fn, threads))
     monkeypatch.setattr(torch, "compile", no_compiler)
     eager_net = conv_chain_net()
     compiled_net = copy.deepcopy(eager_net)

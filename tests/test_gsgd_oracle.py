@@ -92,7 +92,7 @@ def test_g_space_gradient_equals_least_squares_chain_rule(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
+    dw, db = g_space_gradient(ws, gws, gbs, block_routes(block))
     sol = bf.chain_rule_lstsq(ws, bs, gws, gbs, centres(block))
     assert sol.residual <= 1e-10 * float(sol.x.abs().max())  # the chain rule is consistent
     assert_rel_close(representative_entries(dw, db, block), sol.dL_dv, 1e-9, "dL/dv")
@@ -104,7 +104,7 @@ def test_g_space_gradient_is_zero_on_frozen_child_edges(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
+    dw, db = g_space_gradient(ws, gws, gbs, block_routes(block))
     basis = bf.designated_basis(block.widths, has_bias=[b is not None for b in bs])
     flat = bf.flatten_edges(dw, db)
     assert torch.equal(flat[list(basis.frozen)], torch.zeros(len(basis.frozen), dtype=F64))
@@ -306,7 +306,7 @@ def test_inverse_chain_rule_satisfies_the_frozen_edge_equations(case):
     block = only_block(structure)
     ws, bs = block_tensors(net, block)
     gws, gbs = block_tensors(net, block, grads=True)
-    dw, db = g_space_gradient(ws, gws, bs, gbs, block_routes(block))
+    dw, db = g_space_gradient(ws, gws, gbs, block_routes(block))
     basis = bf.designated_basis(block.widths, has_bias=[b is not None for b in bs])
     v = bf.basis_path_values(ws, bs)
     y = representative_entries(dw, db, block) * v

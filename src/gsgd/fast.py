@@ -7,10 +7,13 @@ single-tensor, foreach or fused form:
 - eager (``compile=False``): per block a plan (:func:`block_plan`: route products, column sums,
   carrier potentials Z, everything about the carriers, the ratios rho; O(H) besides the column
   sums) and one in-place dense pass per layer (:func:`block_apply_inplace`);
-- compiled (``compile=True``), when every G-block layer is small (< :data:`SMALL_LAYER`
-  weights): ONE single-threaded graph for the whole step (:func:`fused_step`); otherwise a plan
-  graph and an apply graph per block (:func:`block_apply_masked`: one pointwise kernel per
-  layer reading w, g, buf and writing w, buf).
+- eager and gated (``gated=True``): the plan, then :func:`block_apply_masked` eagerly, every
+  write ``where(ok, new, old)`` (weight-sized temporaries: slower, but no host sync);
+- compiled (``compile=True``), when every layer of the compiled blocks is small
+  (< :data:`SMALL_LAYER` weights): ONE single-threaded graph for the whole step
+  (:func:`fused_step`); otherwise a plan graph and an apply graph per block
+  (:func:`block_apply_masked`: one pointwise kernel per layer reading w, g, buf and writing w,
+  buf).
 
 The recursions (route products, Z, rho), the momentum rule and the ratio guard are the
 reference's own functions; only the column sums and the dense pass have fast forms here.
@@ -22,25 +25,30 @@ Host syncs: ``gated=False`` reads one boolean per step (is every value finite?) 
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
 from gsgd.basis import chain_products, children, parents
+from gsgd.graphs import CompileFailed, compiled
 from gsgd.reference import (
     BlockTensors,
     OptTensors,
     StepHyper,
     Tensors,
+    carrier_gradient,
     carrier_potentials,
+    carrier_ratio,
+    carrier_values,
+    g_space_direction,
     guard_ratio,
     momentum_step,
     node_ratios,
 )
+
+__all__ = ["BlockStep", "CompileFailed", "PlainStep", "StepOutcome", "fast_step"]
 
 #: rows summed per block by the compiled column sums (see :func:`column_sums`)
 ROW_BLOCK = 8
@@ -50,8 +58,27 @@ ROW_BLOCK = 8
 #: benchmarks/README.md for the measurements behind the choice).
 SMALL_LAYER = 1 << 17
 
-#: [lr, momentum, dampening, weight_decay, max_ratio]: a tensor (compiled) or floats (eager)
-Hyper = torch.Tensor | tuple[float, ...]
+#: reusable work matrices: work(rows, cols, like) -> an empty (rows, cols) tensor like ``like``
+Work = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+
+class Numbers(NamedTuple):
+    """The numeric hyper-parameters of a step: floats eagerly; in a graph, 0-d tensors (a
+    graph takes them as ONE 1-d tensor, so a schedule never triggers a recompile)."""
+
+    lr: float | torch.Tensor
+    momentum: float | torch.Tensor
+    dampening: float | torch.Tensor
+    weight_decay: float | torch.Tensor
+    max_ratio: float | torch.Tensor
+
+
+#: what the phase functions take: Numbers, or their 1-d tensor in a graph
+Hyper = Numbers | torch.Tensor
+
+
+def _numbers(hp: Hyper) -> Numbers:
+    return hp if isinstance(hp, Numbers) else Numbers(*hp.unbind())
 
 
 class StepFlags(NamedTuple):
@@ -91,10 +118,6 @@ class StepOutcome(NamedTuple):
     compile_error: str | None = None
 
 
-class CompileFailed(RuntimeError):
-    """torch.compile could not build the step; nothing was written."""
-
-
 # --------------------------------------------------------------------------------------------
 # Phase A: the plan of a block (reads only)
 # --------------------------------------------------------------------------------------------
@@ -115,13 +138,12 @@ class Plan(NamedTuple):
     carrier_bufs: OptTensors
 
 
-def column_sums(weights: Tensors, grads: Tensors,
-                work: Callable[[int, int], torch.Tensor] | None = None,
+def column_sums(weights: Tensors, grads: Tensors, work: Work | None = None,
                 row_block: int | None = None) -> Tensors:
     """The fast form of :func:`gsgd.reference.edge_sums`: sum over (out, taps) of w * g.
 
     Computed from the last layer to the first (the first layers, updated first, stay in cache).
-    ``work(rows, cols)`` hands out a reusable matrix for the products (eager: no fresh
+    ``work(rows, cols, like)`` hands out a reusable matrix for the products (eager: no fresh
     weight-sized memory); ``row_block`` (torch.compile) sums blocks of that many rows first, so
     that inductor's column sum keeps that many row streams in flight.
     """
@@ -135,7 +157,7 @@ def column_sums(weights: Tensors, grads: Tensors,
         elif work is None:
             col = torch.linalg.vecdot(w2, g2, dim=0)
         else:
-            col = torch.mul(w2, g2, out=work(out, h_in * taps)).sum(0)
+            col = torch.mul(w2, g2, out=work(out, h_in * taps, w)).sum(0)
         sums.append(col if taps == 1 else col.view(h_in, taps).sum(-1))
     return sums[::-1]
 
@@ -148,8 +170,7 @@ def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.dot(w.reshape(-1), g.reshape(-1))
 
 
-def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
-               work: Callable[[int, int], torch.Tensor] | None = None) -> Plan:
+def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None = None) -> Plan:
     """Phase A of one block (reads only), with the reference's recursions:
 
         alpha, beta = route_products(w)                  Z = carrier_potentials(sums, x_kappa)
@@ -160,7 +181,7 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
     ``ok``: every weight and gradient finite, every designated route finite and non-zero.
     """
     routes, ws, gs, gbs = t.routes, t.weights, t.grads, t.bias_grads
-    lr, mu, damp, wd, max_ratio = hp[0], hp[1], hp[2], hp[3], hp[4]
+    n = _numbers(hp)
     par_w = [parents(w, r) if r.head_hidden else None for w, r in zip(ws, routes, strict=True)]
     kap_w = [children(w, r) if r.tail_hidden else None for w, r in zip(ws, routes, strict=True)]
     alphas, betas = chain_products(par_w, kap_w, routes, ws[0])
@@ -193,20 +214,18 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags,
             carrier_bufs.append(None)
             continue
         car = r.carriers(w.device)
-        wc = par_w[l]
-        vc = alphas[l][r.parent_tails(w.device)] * wc * betas[l + 1]
-        dc = (wc * parents(g, r) - Z[l + 1]) / vc
-        if t.row_scales is not None and t.row_scales[l] is not None:
-            dc = dc * t.row_scales[l]
-        if flags.has_wd:
-            dc = dc + wd * vc
+        vc = carrier_values(par_w[l], alphas[l], betas[l + 1], r)
+        dc = carrier_gradient(par_w[l] * parents(g, r), Z[l + 1], vc)
+        dc = g_space_direction(dc, None if t.row_scales is None else t.row_scales[l],
+                               n.weight_decay if flags.has_wd else None, vc)
         old = None if t.buffers is None else parents(t.buffers[l], r)
-        sc, bufc = (dc, None) if old is None else momentum_step(dc, old, mu, damp, flags.nesterov)
-        ratio, mask = guard_ratio(torch.where(car, 1 - lr * sc / vc, 1.0), max_ratio)
+        sc, bufc = (dc, None) if old is None else momentum_step(dc, old, n.momentum,
+                                                                n.dampening, flags.nesterov)
+        ratio, mask = guard_ratio(carrier_ratio(n.lr, sc, vc, car), n.max_ratio)
         changed.append(mask)
         ratios.append(ratio)
         carrier_bufs.append(None if bufc is None else torch.where(car, bufc, 0.0))
-    inv_rhos = [rho.reciprocal() for rho in node_ratios(ratios, routes)]
+    inv_rhos = [rho.reciprocal() for rho in node_ratios(ratios, routes, ws[0])]
     clipped = torch.cat(changed).sum() if changed else \
         torch.zeros((), dtype=torch.long, device=ws[0].device)
     return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
@@ -222,14 +241,12 @@ def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | Non
                  row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
     """Bias of node b (an edge from a bias node: rho = 1, v = b * beta): b -= lr * s / beta.
     Nothing changes unless ``gate`` (when given) is true."""
-    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
-    db = gb * inv_beta
-    if row_scale is not None:
-        db = db * row_scale
-    if flags.has_wd:
-        db = db + wd * b / inv_beta
-    sb, new_bb = (db, None) if bias_buf is None else momentum_step(db, bias_buf, mu, damp,
-                                                                   flags.nesterov)
+    n = _numbers(hp)
+    lr = n.lr
+    db = g_space_direction(gb * inv_beta, row_scale, n.weight_decay if flags.has_wd else None,
+                           b / inv_beta if flags.has_wd else None)
+    sb, new_bb = (db, None) if bias_buf is None else momentum_step(db, bias_buf, n.momentum,
+                                                                   n.dampening, flags.nesterov)
     if gate is None:
         if new_bb is not None:
             bias_buf.copy_(new_bb)
@@ -261,7 +278,7 @@ def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
 
     With ``gate`` (a 0-d bool) every value is written back unchanged unless it is true.
     """
-    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    n = _numbers(hp)
     for l, (w, g, r) in enumerate(zip(t.weights, t.grads, t.routes, strict=True)):
         buf, bias_buf, row_scale = _layer_tensors(t, l)
         dev = w.device
@@ -269,14 +286,12 @@ def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
         i = r.tails(dev)[None, :, None]
         centre = torch.arange(r.taps, device=dev)[None, None, :] == r.centre
         inv_c = plan.inv_betas[l + 1][:, None, None] * plan.inv_alphas[l][None, :, None]
-        d = g * inv_c
-        if row_scale is not None:
-            d = d * row_scale[:, None, None]
-        if flags.has_wd:
-            d = d + wd * w / inv_c
-        s, new_buf = (d, None) if buf is None else momentum_step(d, buf, mu, damp,
-                                                                 flags.nesterov)
-        new_w = w - lr * s * inv_c
+        d = g_space_direction(g * inv_c, None if row_scale is None else row_scale[:, None, None],
+                              n.weight_decay if flags.has_wd else None,
+                              w / inv_c if flags.has_wd else None)
+        s, new_buf = (d, None) if buf is None else momentum_step(d, buf, n.momentum,
+                                                                 n.dampening, flags.nesterov)
+        new_w = w - n.lr * s * inv_c
         if r.head_hidden:
             car = r.carriers(dev)[:, None, None] & (r.parent_tail(o) == i) & centre
             new_w = torch.where(car, w * plan.ratios[l][:, None, None], new_w)
@@ -301,18 +316,20 @@ def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
                          inv_alpha: torch.Tensor, inv_beta: torch.Tensor, inv_rho: torch.Tensor,
-                         hp: Hyper, flags: StepFlags, row_scale: torch.Tensor | None = None,
+                         hp: Numbers, flags: StepFlags, row_scale: torch.Tensor | None = None,
                          scratch: torch.Tensor | None = None) -> None:
     """The non-carrier update of phase B on an ``(out, in * taps)`` matrix, in place:
 
         d = g / c (* row scale) + wd * c * w,  s, buf = momentum_step(d, buf),
         w = (w - lr * s / c) / rho(tail)
 
-    ``inv_alpha`` / ``inv_rho`` are per column (tail units repeated over their taps),
-    ``inv_beta`` per row. With momentum (no nesterov, no row scale) it allocates nothing: 1/c
-    goes into ``scratch`` (a reusable work tensor, not state) and d straight into the buffer.
+    (:func:`gsgd.reference.g_space_direction` and :func:`gsgd.reference.momentum_step` in
+    in-place form). ``inv_alpha`` / ``inv_rho`` are per column (tail units repeated over their
+    taps), ``inv_beta`` per row. With momentum (no nesterov, no row scale) it allocates
+    nothing: 1/c goes into ``scratch`` (a reusable work tensor, not state) and d straight into
+    the buffer.
     """
-    lr, mu, damp, wd = hp[0], hp[1], hp[2], hp[3]
+    lr, mu, damp, wd = hp.lr, hp.momentum, hp.dampening, hp.weight_decay
     inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
         else torch.outer(inv_beta, inv_alpha)
     if buf is not None and row_scale is None and not flags.nesterov:
@@ -335,8 +352,8 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
     w.addcmul_(s, inv_c, value=-lr)
 
 
-def block_apply_inplace(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
-                        scratch: Callable[[int, int], torch.Tensor] | None = None) -> None:
+def block_apply_inplace(t: BlockTensors, plan: Plan, hp: Numbers, flags: StepFlags,
+                        scratch: Work | None = None) -> None:
     """Phase B eagerly: :func:`dense_update_inplace` on every edge, then O(H) scatters write
     the carriers (w * R / rho(tail)) and restore the frozen edges (old w, zero buffer)."""
     for l, (w, g, r) in enumerate(zip(t.weights, t.grads, t.routes, strict=True)):
@@ -351,7 +368,7 @@ def block_apply_inplace(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags
                              None if buf is None else buf.view(r.h_out, -1),
                              _per_tap(plan.inv_alphas[l], r.taps), plan.inv_betas[l + 1],
                              _per_tap(plan.inv_rhos[l], r.taps), hp, flags, row_scale,
-                             None if scratch is None else scratch(r.h_out, r.h_in * r.taps))
+                             None if scratch is None else scratch(r.h_out, r.h_in * r.taps, w))
         if r.head_hidden:  # every parent edge; the frozen ones are restored just below
             wf[r.parent_flat(dev)] = new_par
             if bf is not None:
@@ -390,97 +407,6 @@ def fused_step(blocks: list[tuple[BlockTensors, Hyper, StepFlags]], plain_grads:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile: graphs over a flat tuple of tensors
-# --------------------------------------------------------------------------------------------
-
-class _TensorSlot:
-    """Marks where a tensor stood in a call's arguments."""
-
-    def __repr__(self) -> str:
-        return "<tensor>"
-
-
-_SLOT = _TensorSlot()
-
-
-@dataclass(frozen=True)
-class _Seq:
-    """A list, tuple or named tuple (its type kept) in a call's structure."""
-
-    kind: type
-    items: tuple
-
-
-def _flatten(x: object, tensors: list[torch.Tensor]) -> object:
-    """The structure of ``x`` (hashable), its tensors appended to ``tensors`` in order."""
-    if isinstance(x, torch.Tensor):
-        tensors.append(x)
-        return _SLOT
-    if isinstance(x, (list, tuple)) and not isinstance(x, StepFlags):
-        return _Seq(type(x), tuple(_flatten(item, tensors) for item in x))
-    return x  # None, numbers, bools, StepFlags, LayerRoutes: part of the structure
-
-
-def _unflatten(structure: object, tensors) -> object:
-    if structure is _SLOT:
-        return next(tensors)
-    if isinstance(structure, _Seq):
-        items = [_unflatten(item, tensors) for item in structure.items]
-        kind = structure.kind
-        return kind(items) if kind in (list, tuple) else kind(*items)
-    return structure
-
-
-class _FlatCompiled:
-    """``fn`` compiled with the TENSORS of its arguments as the graph's only inputs.
-
-    The rest of the arguments (lists, None, routes, flags) is the structure of the call: one
-    graph per structure, which closes over it as constants, so guards check a flat tuple of
-    tensors. Each graph gets a code object of its own: dynamo's recompile limit counts per code
-    object, so no process-wide setting needs raising.
-    """
-
-    def __init__(self, fn: Callable, threads: int) -> None:
-        self.fn, self.threads = fn, threads
-        self.graphs: dict[object, Callable] = {}
-
-    def __call__(self, *args):
-        tensors: list[torch.Tensor] = []
-        structure = _flatten(args, tensors)
-        graph = self.graphs.get(structure)
-        if graph is not None:
-            return graph(*tensors)
-        graph = self._compile(structure)
-        try:  # torch.compile builds the graph on this first call, before it runs
-            out = graph(*tensors)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            raise CompileFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
-                from exc
-        self.graphs[structure] = graph
-        return out
-
-    def _compile(self, structure: object) -> Callable:
-        fn = self.fn
-
-        def graph(*tensors):
-            return fn(*_unflatten(structure, iter(tensors)))
-
-        name = f"gsgd_{fn.__name__}_{len(self.graphs)}"
-        code = graph.__code__.replace(co_name=name)
-        fresh = types.FunctionType(code, graph.__globals__, name, graph.__defaults__,
-                                   graph.__closure__)
-        options = {"cpp.threads": self.threads} if self.threads >= 1 else None
-        return torch.compile(fresh, dynamic=False, options=options)
-
-
-@functools.cache
-def _compiled(fn: Callable, threads: int = -1) -> Callable:
-    """``fn`` compiled by torch.compile (lazily, once per process and call structure; static
-    shapes). ``threads`` >= 1 fixes the kernels' thread count (inductor's ``cpp.threads``)."""
-    return _FlatCompiled(fn, threads)
-
-
-# --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
 
@@ -493,10 +419,11 @@ def _hyper_tensor(values: tuple[float, ...], dtype: torch.dtype,
 
 def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
     """(numbers, static flags) of a block step: floats eagerly, a tensor for a graph. On the
-    first momentum step dampening is 0 (the zero buffer then becomes d)."""
+    first momentum step dampening is 0 (the zero buffer then becomes d). A tensor lr is read
+    on the host here (a sync)."""
     h = step.hyper
-    values = (float(h.lr), float(h.momentum), 0.0 if step.first else float(h.dampening),
-              float(h.weight_decay), float(h.max_ratio))
+    values = Numbers(float(h.lr), float(h.momentum), 0.0 if step.first else float(h.dampening),
+                     float(h.weight_decay), float(h.max_ratio))
     flags = StepFlags(bool(h.nesterov), bool(h.weight_decay))
     if not step.compile:
         return values, flags
@@ -509,36 +436,37 @@ def _largest_layer(step: BlockStep) -> int:
 
 
 def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated: bool,
-              work: Callable[[int, int], torch.Tensor] | None = None) -> StepOutcome:
+              work: Work | None = None) -> StepOutcome:
     """One G-SGD step of every block (and plain SGD of ``plain``), all or nothing.
 
     ``gated=False``: plans, ONE host sync (all finite?), then in-place writes; a refused step
     writes nothing and returns ``taken=False``. ``gated=True``: no host sync; every write is
     gated on the device and ``taken`` is a 0-d device bool (a first momentum step then needs
     dampening 0, or zero buffers would be damped: the optimizer takes such steps ungated).
-    ``work(rows, cols)`` hands the eager forms reusable matrices.
+    ``work(rows, cols, like)`` hands the eager forms reusable matrices.
 
     If a graph cannot be compiled before anything is written, :class:`CompileFailed` is raised
     (the caller retries with ``compile=False``); if an apply graph fails after other blocks were
     written, that block is applied by the same function eagerly and the outcome says so.
     """
     hypers = [_hyper(b) for b in blocks]
-    compiled = [i for i, b in enumerate(blocks) if b.compile]
-    one_graph = bool(compiled) and max(_largest_layer(blocks[i]) for i in compiled) < SMALL_LAYER
+    to_compile = [i for i, b in enumerate(blocks) if b.compile]
+    one_graph = bool(to_compile) and \
+        max(_largest_layer(blocks[i]) for i in to_compile) < SMALL_LAYER
     planned = [i for i, b in enumerate(blocks) if not (one_graph and b.compile)]
     plans: dict[int, Plan] = {}
     for i in planned:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
-        plans[i] = _compiled(block_plan)(t, hp, flags) if blocks[i].compile \
+        plans[i] = compiled(block_plan)(t, hp, flags) if blocks[i].compile \
             else block_plan(t, hp, flags, work)
     clipped: dict[int, torch.Tensor] = {i: plans[i].clipped for i in planned}
     oks = [plans[i].ok for i in planned]
     plain_grads = [g for p in plain for g in p.grads]
     if one_graph:  # plans, checks and writes (gated on ok) of the compiled blocks
         gate = torch.stack(oks).all() if oks else None
-        args = [(blocks[i].tensors, *hypers[i]) for i in compiled]
-        ok, counts = _compiled(fused_step, 1)(args, plain_grads, gate)
-        clipped.update(zip(compiled, counts, strict=True))
+        args = [(blocks[i].tensors, *hypers[i]) for i in to_compile]
+        ok, counts = compiled(fused_step, 1)(args, plain_grads, gate)
+        clipped.update(zip(to_compile, counts, strict=True))
     else:
         oks += [torch.isfinite(g.sum()) for g in plain_grads]
         ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool)
@@ -550,7 +478,7 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
         if blocks[i].compile:
             try:
-                _compiled(block_apply_masked)(t, plans[i], hp, flags, gate)
+                compiled(block_apply_masked)(t, plans[i], hp, flags, gate)
             except CompileFailed as exc:
                 compile_error = str(exc)
                 block_apply_masked(t, plans[i], hp, flags, gate)

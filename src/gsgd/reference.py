@@ -114,8 +114,38 @@ def carrier_potentials(col_sums: OptTensors, child_x: OptTensors,
     return Z
 
 
-def g_space_gradient(weights: Tensors, grads: Tensors, biases: OptTensors,
-                     bias_grads: OptTensors, routes: tuple[LayerRoutes, ...],
+def carrier_values(parent_w: torch.Tensor, alpha_in: torch.Tensor, beta_out: torch.Tensor,
+                   r: LayerRoutes) -> torch.Tensor:
+    """v[pi(b)] = alpha(b mod h_in) * w[pi(b)] * beta(b): the basis-path value of every parent
+    edge of layer l (``alpha_in`` per tail unit, ``beta_out`` per head unit)."""
+    return alpha_in[r.parent_tails(parent_w.device)] * parent_w * beta_out
+
+
+def carrier_gradient(parent_x: torch.Tensor, z_head: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    """dL/dv at a carrier pi(b) = (x[pi(b)] - Z(b)) / v[pi(b)]  (y = x - Z, section 4)."""
+    return (parent_x - z_head) / values
+
+
+def carrier_ratio(lr, step: torch.Tensor, values: torch.Tensor,
+                  carriers: torch.Tensor) -> torch.Tensor:
+    """R(b) = v'/v = 1 - lr * s[pi(b)] / v[pi(b)] at the carriers, 1 at the other heads."""
+    return torch.where(carriers, 1 - lr * step / values, 1.0)
+
+
+def g_space_direction(d: torch.Tensor, row_scale: torch.Tensor | None = None,
+                      weight_decay=None, values: torch.Tensor | None = None) -> torch.Tensor:
+    """d * row_scale (batchnorm="approximate": the paper's heuristic) + weight_decay * v
+    (L2 on basis-path values, section 6); either part is skipped when None."""
+    if row_scale is not None:
+        d = d * row_scale
+    if weight_decay is not None:
+        d = d + weight_decay * values
+    return d
+
+
+def g_space_gradient(weights: Tensors, grads: Tensors, bias_grads: OptTensors,
+                     routes: tuple[LayerRoutes, ...],
                      products: RouteProducts | None = None) -> tuple[Tensors, OptTensors]:
     """The inverse chain rule: dL/dv_e for every representative edge and bias (section 4).
 
@@ -134,11 +164,10 @@ def g_space_gradient(weights: Tensors, grads: Tensors, biases: OptTensors,
         d = g / route_scale(alphas[l], betas[l + 1])
         flat = d.view(-1)
         if r.head_hidden:
-            car = r.carriers(w.device)
-            vc = alphas[l][r.parent_tails(w.device)] * parents(w, r) * betas[l + 1]
-            dc = (parents(x[l], r) - Z[l + 1]) / vc
+            vc = carrier_values(parents(w, r), alphas[l], betas[l + 1], r)
+            dc = carrier_gradient(parents(x[l], r), Z[l + 1], vc)
             pos = r.parent_flat(w.device)
-            flat[pos] = torch.where(car, dc, flat[pos])
+            flat[pos] = torch.where(r.carriers(w.device), dc, flat[pos])
         if r.tail_hidden:
             flat[r.child_flat(w.device)] = 0
         dw.append(d)
@@ -156,14 +185,16 @@ def guard_ratio(raw: torch.Tensor, max_ratio: float | torch.Tensor
     return ratio, ratio != raw
 
 
-def node_ratios(ratios: OptTensors, routes: tuple[LayerRoutes, ...]) -> Tensors:
+def node_ratios(ratios: OptTensors, routes: tuple[LayerRoutes, ...],
+                like: torch.Tensor) -> Tensors:
     """rho per node layer 0..n-1, by one forward sweep (the recursion of weight allocation):
 
         rho(input) = 1,  rho(b) = R(b) if pi(b) is a carrier else rho(b mod h_in)
 
-    (alpha'(u) = rho(u) alpha(u) after the step). ``ratios[l]`` is per head of layer l.
+    (alpha'(u) = rho(u) alpha(u) after the step). ``ratios[l]`` is per head of layer l;
+    ``like`` gives the dtype and device.
     """
-    rho = torch.ones(routes[0].h_in, dtype=_dtype(ratios), device=_device(ratios))
+    rho = torch.ones(routes[0].h_in, dtype=like.dtype, device=like.device)
     rhos = [rho]
     for l, r in enumerate(routes[:-1]):
         rho = torch.where(r.carriers(rho.device), ratios[l], rho[r.parent_tails(rho.device)])
@@ -171,29 +202,17 @@ def node_ratios(ratios: OptTensors, routes: tuple[LayerRoutes, ...]) -> Tensors:
     return rhos
 
 
-def _dtype(ratios: OptTensors) -> torch.dtype:
-    return next((t.dtype for t in ratios if t is not None), torch.get_default_dtype())
-
-
-def _device(ratios: OptTensors) -> torch.device | None:
-    return next((t.device for t in ratios if t is not None), None)
-
-
-def momentum_step(d, buf, momentum, dampening, nesterov: bool):
+def momentum_step(d: torch.Tensor, buf: torch.Tensor | None, momentum, dampening,
+                  nesterov: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Heavy-ball momentum in torch.optim.SGD's convention, on tensors (or floats):
 
         buf' = d if buf is None (first step) else momentum * buf + (1 - dampening) * d
         s    = d + momentum * buf' if nesterov else buf'
 
-    Returns (s, buf'). The fast step passes a zero buffer and dampening 0 on the first step,
-    which gives the same buf' = d.
+    ``momentum`` / ``dampening`` are numbers or 0-d tensors. Returns (s, buf'). The fast step
+    passes a zero buffer and dampening 0 on the first step, which gives the same buf' = d.
     """
-    if buf is None:
-        new = d
-    elif isinstance(momentum, float):  # two ops (the same sum)
-        new = torch.add(d * (1 - dampening), buf, alpha=momentum)
-    else:
-        new = momentum * buf + (1 - dampening) * d
+    new = d if buf is None else momentum * buf + (1 - dampening) * d
     return (d + momentum * new if nesterov else new), new
 
 
@@ -225,12 +244,12 @@ def allocate(weights: Tensors, biases: OptTensors, steps: Tensors, bias_steps: O
         if not r.head_hidden:
             ratios.append(None)
             continue
-        vc = alphas[l][r.parent_tails(w.device)] * parents(w, r) * betas[l + 1]
-        raw = torch.where(r.carriers(w.device), 1 - lr * parents(s, r) / vc, 1.0)
+        vc = carrier_values(parents(w, r), alphas[l], betas[l + 1], r)
+        raw = carrier_ratio(lr, parents(s, r), vc, r.carriers(w.device))
         ratio, changed = guard_ratio(raw, max_ratio)
         ratios.append(ratio)
         clipped = clipped + changed.sum()
-    rhos = node_ratios(ratios, routes)
+    rhos = node_ratios(ratios, routes, weights[0])
     new_w: Tensors = []
     new_b: OptTensors = []
     for l, (w, s, r) in enumerate(zip(weights, steps, routes, strict=True)):
@@ -263,19 +282,17 @@ def reference_step(t: BlockTensors, hp: StepHyper) -> BlockUpdate:
     routes = t.routes
     products = route_products(t.weights, routes)
     alphas, betas = products
-    dw, db = g_space_gradient(t.weights, t.grads, t.biases, t.bias_grads, routes, products)
+    dw, db = g_space_gradient(t.weights, t.grads, t.bias_grads, routes, products)
+    wd = hp.weight_decay or None
     for l, r in enumerate(routes):
         scale = None if t.row_scales is None else t.row_scales[l]
-        if scale is not None:
-            dw[l] = dw[l] * scale[:, None, None]
-            db[l] = None if db[l] is None else db[l] * scale
-        if hp.weight_decay:
-            decay = hp.weight_decay * t.weights[l] * route_scale(alphas[l], betas[l + 1])
-            if r.tail_hidden:
-                decay.view(-1)[r.child_flat(decay.device)] = 0  # frozen: not a coordinate
-            dw[l] = dw[l] + decay
-            if db[l] is not None:
-                db[l] = db[l] + hp.weight_decay * t.biases[l] * betas[l + 1]
+        values = t.weights[l] * route_scale(alphas[l], betas[l + 1])
+        if r.tail_hidden:
+            values.view(-1)[r.child_flat(values.device)] = 0  # frozen: not a coordinate
+        dw[l] = g_space_direction(dw[l], None if scale is None else scale[:, None, None], wd,
+                                  values)
+        if db[l] is not None:
+            db[l] = g_space_direction(db[l], scale, wd, t.biases[l] * betas[l + 1])
     bufs = bias_bufs = None
     steps, bias_steps = dw, db
     if hp.momentum:

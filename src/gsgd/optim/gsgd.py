@@ -56,10 +56,11 @@ class GSGD(GBlockOptimizer):
         s   = d + momentum * buf if nesterov else buf
         v'  = v - lr * s   -> new weights by weight allocation, frozen edges unchanged
 
-    What runs is :func:`gsgd.fast.fast_step` (eager in-place, or torch.compile graphs with
-    ``compile=True``), tested step by step against the reference. Every step is invariant
-    under the rescaling group G. Parameters outside every G-block get torch SGD with the same
-    hyper-parameters (see :attr:`plain_parameters`).
+    What runs is :func:`gsgd.fast.fast_step`, tested step by step against the reference:
+    eagerly an in-place pass per layer (``on_nonfinite="raise"``) or a pass gated on the device
+    (``"skip"``: weight-sized temporaries, slower), or torch.compile graphs (``compile=True``).
+    Every step is invariant under the rescaling group G. Parameters outside every G-block get
+    torch SGD with the same hyper-parameters (see :attr:`plain_parameters`).
 
     Args:
         params: an ``nn.Module`` (the common case: its structure is discovered), or parameters /
@@ -70,12 +71,16 @@ class GSGD(GBlockOptimizer):
         max_ratio: bound B of the carrier-ratio guard: |R| = |v'/v| is kept in [1/B, B], its
             sign kept (a negative R is an ordinary step); every changed entry is counted
             (:meth:`clip_counts`). Within the bounds the step is exactly the paper's.
-        on_nonfinite: per param group. ``"raise"`` (default): a non-finite gradient or weight,
-            or a zero designated weight, raises :class:`NonFiniteError` naming the parameter,
-            before anything is written (one host sync per step). ``"skip"``: such a step is not
-            taken, with no host sync (writes are gated on the device), and counted in
-            :meth:`skipped_steps` (also ``param_groups[i]["skipped_steps"]``, brought up to date
-            by ``skipped_steps()`` and ``state_dict()``).
+        on_nonfinite: a step is taken whole or not at all. A non-finite gradient or weight, or
+            a zero designated weight, in a group with ``"raise"`` (default) raises
+            :class:`NonFiniteError` naming the parameter, before anything is written (one host
+            sync per step). If the problems lie only in groups with ``"skip"``, the step is not
+            taken and every group counts it in :meth:`skipped_steps` (also
+            ``param_groups[i]["skipped_steps"]``, brought up to date by ``skipped_steps()``,
+            ``clip_counts()`` and ``state_dict()``). When every group skips, a step makes no
+            host sync (writes are gated on the device), except a first momentum step with
+            dampening > 0 (checked on the host, so that a refused one leaves no buffers) and a
+            tensor ``lr`` (read each step).
         compile: build the step with ``torch.compile`` (lazily, on the first step: seconds to
             tens of seconds once per process and shape); the fast path. If compiling fails (no
             C++ compiler, say) it warns and takes the eager step. See benchmarks/README.md.
@@ -150,7 +155,8 @@ class GSGD(GBlockOptimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        """One G-SGD step of every G-block and a torch SGD step of the other parameters."""
+        """One G-SGD step of every G-block (:func:`gsgd.reference.reference_step`, run by
+        :func:`gsgd.fast.fast_step`) and a torch SGD step of the other parameters."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -296,18 +302,14 @@ class GSGD(GBlockOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state["momentum_buffer"]
 
-    @property
-    def _work(self) -> Callable[[int, int], torch.Tensor]:
-        """Reusable work matrices per (rows, cols, dtype, device): kept across steps, not state."""
+    def _work(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A reusable (rows, cols) work matrix of ``like``'s dtype and device: kept across
+        steps, not state."""
         pool = self.__dict__.setdefault("_work_pool", {})
-        dtype, device = self._blocks[0].weights[0].dtype, self._blocks[0].weights[0].device
-
-        def get(rows: int, cols: int) -> torch.Tensor:
-            key = (rows, cols, dtype, device)
-            if key not in pool:
-                pool[key] = torch.empty(rows, cols, dtype=dtype, device=device)
-            return pool[key]
-        return get
+        key = (rows, cols, like.dtype, like.device)
+        if key not in pool:
+            pool[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+        return pool[key]
 
     # ------------------------------------------------------------------ refusal
     def _refuse(self) -> None:
