@@ -316,3 +316,48 @@ def test_hyper_parameters_are_honoured_per_param_group():
         twin = nets["a" if name.startswith("a") else "rest"]
         torch.testing.assert_close(p, twin.get_parameter(name), rtol=1e-12, atol=1e-14,
                                    msg=name)
+
+
+def test_blocks_of_different_dtypes_each_take_their_reference_step():
+    """Work matrices and index data follow each block's dtype (a float32 block beside a
+    float64 one); gradients injected, since such a model has no common forward."""
+    model = two_block_net()
+    model.b1.float()
+    model.b2.float()
+    opt = GSGD(model, lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)
+    for k in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        expected, _ = reference_of(opt, model)
+        opt.step()
+        for name, want in expected.items():
+            if name.endswith(" buffer"):
+                continue
+            got = model.get_parameter(name).detach()
+            assert got.dtype == want.dtype, name
+            tol = {"rtol": 1e-10, "atol": 1e-12} if got.dtype == torch.float64 else {}
+            torch.testing.assert_close(got, want, **tol, msg=f"step {k}, {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_one_layer_block_plans_in_its_own_dtype(dtype):
+    """A block of one layer (no hidden units, no designated weights: given by structure=)."""
+    from gsgd.structure import Block, Structure, layer_from_module
+
+    model = nn.Linear(4, 3).to(dtype)
+    structure = Structure((Block((layer_from_module("", model),)),))
+    opt = GSGD(model, lr=0.1, structure=structure)
+    model(torch.randn(2, 4, dtype=dtype)).sum().backward()
+    expected, _ = reference_of(opt, model)
+    (block,) = structure.blocks
+    named = dict(model.named_parameters())
+    ws = [layer_view(named[la.weight].detach(), la) for la in block.layers]
+    gs = [layer_view(named[la.weight].grad, la) for la in block.layers]
+    t = BlockTensors(block_routes(block), ws, gs, [model.bias.detach()], [model.bias.grad])
+    plan = fast.block_plan(t, fast.Numbers(0.1, 0.0, 0.0, 0.0, 100.0),
+                           fast.StepFlags(False, False))
+    assert {v.dtype for v in plan.inv_alphas + plan.inv_betas + plan.inv_rhos} == {dtype}
+    opt.step()
+    for name, want in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).detach(), want, msg=name)
