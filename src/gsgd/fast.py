@@ -90,7 +90,9 @@ class StepFlags(NamedTuple):
 
 class BlockStep(NamedTuple):
     """One block's work in a step: its tensors, its group's hyper-parameters, whether this is
-    the first momentum step (buffers are fresh zeros, buf' = d) and whether to compile."""
+    the first momentum step and whether to compile. Unlike the reference (None entries on the
+    first step), the fast step writes into existing buffers: with momentum, ``tensors.buffers``
+    are tensors, fresh zeros on the first step (``first=True`` makes buf' = d)."""
 
     tensors: BlockTensors
     hyper: StepHyper
