@@ -30,6 +30,7 @@ class _Bound(NamedTuple):
     biases: list[nn.Parameter | None]
     routes: tuple[LayerRoutes, ...]
     group: int
+    shapes: tuple[tuple[int, int, int], ...]  # the (out, in, taps) view of each layer
 
     @property
     def approx_bn(self) -> bool:
@@ -111,7 +112,8 @@ class GSGD(GBlockOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
                         on_nonfinite=on_nonfinite, compile=compile, skipped_steps=0)
         bound = self._setup("GSGD", params, defaults, model, structure, batchnorm)
-        self._blocks = [_Bound(block, weights, biases, block_routes(block), gi)
+        self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
+                               tuple((la.out_units, la.in_units, la.taps) for la in block.layers))
                         for block, weights, biases, gi in bound]
         self._reset_pending()
 
@@ -234,8 +236,8 @@ class GSGD(GBlockOptimizer):
                 continue
             group = self.param_groups[bp.group]
             layers = bp.block.layers
-            ws = [layer_view(w.detach(), layer) for w, layer in zip(bp.weights, layers,
-                                                                    strict=True)]
+            ws = [w.detach().view(shape) if w.is_contiguous() else layer_view(w, layer)
+                  for w, shape, layer in zip(bp.weights, bp.shapes, layers, strict=True)]
             gs = [self._grad_view(g, w, layer) for g, w, layer in zip(grads, ws, layers,
                                                                      strict=True)]
             gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None
@@ -293,7 +295,9 @@ class GSGD(GBlockOptimizer):
     def _grad_view(self, g: torch.Tensor | None, w: torch.Tensor, layer) -> torch.Tensor:
         if g is None:
             return torch.zeros_like(w)
-        return self._checked(g, layer.weight).reshape(w.shape)
+        if g.is_sparse:
+            raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
+        return g.view(w.shape) if g.is_contiguous() else g.reshape(w.shape)
 
     def _buffer(self, p: nn.Parameter) -> torch.Tensor:
         """The G-space momentum buffer of p (zeros when new)."""
