@@ -33,7 +33,7 @@ def check_hyper_parameters(owner: str, hp: dict) -> None:
         raise ValueError(f"{owner}: nesterov=True requires momentum > 0 and dampening = 0")
     if "max_ratio" in hp and not (isinstance(hp["max_ratio"], float | int)
                                   and hp["max_ratio"] > 1):
-        raise bad("max_ratio", "must be a number > 1 (carrier ratios are clamped to [1/B, B])")
+        raise bad("max_ratio", "must be a number > 1 (the carrier ratios keep |R| in [1/B, B])")
     if "compile" in hp and not isinstance(hp["compile"], bool):
         raise bad("compile", "must be True or False")
     if "on_nonfinite" in hp and hp["on_nonfinite"] not in ON_NONFINITE:
