@@ -501,7 +501,7 @@ def _plain_sgd(p: PlainStep, gate: torch.Tensor | None) -> None:
     computed on copies and written where ``gate``."""
     h = p.hyper
     kwargs = dict(weight_decay=h.weight_decay, momentum=h.momentum, lr=h.lr,
-                  dampening=h.dampening, nesterov=bool(h.nesterov), maximize=False)
+                  dampening=h.dampening, nesterov=bool(h.nesterov), maximize=bool(h.maximize))
     bufs = p.buffers if p.buffers is not None else [None] * len(p.params)
     if gate is None:
         torch_sgd(p.params, p.grads, bufs, **kwargs)

@@ -71,6 +71,7 @@ class StepHyper(NamedTuple):
     weight_decay: float = 0.0
     nesterov: bool = False
     max_ratio: float = 100.0
+    maximize: bool = False
 
 
 class BlockUpdate(NamedTuple):
@@ -277,8 +278,12 @@ def reference_step(t: BlockTensors, hp: StepHyper) -> BlockUpdate:
     """One complete G-SGD step of a block (see the module docstring); pure, returns new tensors.
 
     With ``hp.momentum > 0`` the buffers of ``t`` are read (a None list or None entries: the
-    first step) and new ones returned; without momentum none are kept.
+    first step) and new ones returned; without momentum none are kept. ``hp.maximize`` steps
+    up the loss (the gradients negated, as torch.optim.SGD does).
     """
+    if hp.maximize:
+        t = t._replace(grads=[-g for g in t.grads],
+                       bias_grads=[None if g is None else -g for g in t.bias_grads])
     routes = t.routes
     products = route_products(t.weights, routes)
     alphas, betas = products

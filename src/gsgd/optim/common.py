@@ -34,8 +34,9 @@ def check_hyper_parameters(owner: str, hp: dict) -> None:
     if "max_ratio" in hp and not (isinstance(hp["max_ratio"], float | int)
                                   and hp["max_ratio"] > 1):
         raise bad("max_ratio", "must be a number > 1 (the carrier ratios keep |R| in [1/B, B])")
-    if "compile" in hp and not isinstance(hp["compile"], bool):
-        raise bad("compile", "must be True or False")
+    for name in ("compile", "maximize"):
+        if name in hp and not isinstance(hp[name], bool):
+            raise bad(name, "must be True or False")
     if "on_nonfinite" in hp and hp["on_nonfinite"] not in ON_NONFINITE:
         raise bad("on_nonfinite", f"supported values are {ON_NONFINITE}")
 
@@ -85,7 +86,7 @@ def plain_sgd_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
                      group: dict) -> None:
     """torch.optim.SGD's update (weight-space momentum / weight decay) for non-G parameters."""
     for p in params:
-        d = p.grad
+        d = -p.grad if group.get("maximize") else p.grad
         if group["weight_decay"]:
             d = d.add(p, alpha=group["weight_decay"])
         d = momentum_direction(optimizer.state[p], d, group["momentum"], group["dampening"],
@@ -158,7 +159,9 @@ class GBlockOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{owner}: batchnorm= is a discovery option; with structure= given, "
                              "pass it to discover(model, batchnorm=...) instead")
         self.structure = structure
-        bound = bind_blocks(owner, structure, named, self.param_groups)
+        self._owner = owner
+        self._named = list(named.items())  # kept to rebind: copies, add_param_group
+        bound = self._bind()
         if not bound:
             why = "; ".join(structure.notes) or "no two layers are joined by a ReLU-family map"
             raise StructureError(
@@ -166,13 +169,52 @@ class GBlockOptimizer(torch.optim.Optimizer):
                 f"layers) among the given parameters of {type(model).__name__} ({why}); "
                 "use torch.optim.SGD for such a model, or pass structure= with explicit blocks"
             )
+        return bound
+
+    def _bind(self) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
+        """Bind the structure's G-blocks to the param groups; the rest is plain SGD."""
+        named = dict(self._named)
+        bound = bind_blocks(self._owner, self.structure, named, self.param_groups)
         in_blocks = {id(p) for _, ws, bs, _ in bound for p in ws + bs if p is not None}
         self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
         self._plain_group = {id(p): gi for gi, g in enumerate(self.param_groups)
                              for p in g["params"] if id(p) not in in_blocks}
         self._names = {id(p): n for n, p in named.items()}
         self.plain_parameters = tuple(self._names.get(id(p), "?") for p in self._plain)
+        self._bound(bound)
         return bound
+
+    def _bound(self, bound: list) -> None:
+        """What a subclass keeps of the bound blocks (called on every (re)binding)."""
+        self._blocks = bound
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then the new parameters are bound: G-SGD where they make
+        whole G-blocks of the model, plain SGD otherwise. A G-block split over groups raises
+        ValueError and leaves the optimizer as it was."""
+        super().add_param_group(param_group)
+        if "_named" not in self.__dict__:  # called by torch.optim.Optimizer.__init__
+            return
+        try:
+            check_hyper_parameters(self._owner, self.param_groups[-1])
+            self._bind()
+        except (ValueError, StructureError):
+            self.param_groups.pop()
+            self._bind()
+            raise
+
+    def __getstate__(self) -> dict:
+        """torch's state (defaults, state, param_groups) plus what rebinding needs, so that
+        copy.deepcopy and pickle give an optimizer that steps like this one."""
+        state = super().__getstate__()
+        state.update(structure=self.structure, _owner=self._owner, _named=self._named)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        copied = "_blocks" not in self.__dict__  # a copy or an unpickled optimizer; torch's
+        super().__setstate__(state)              # load_state_dict calls this on a live one
+        if copied:
+            self._bind()
 
     def summary(self) -> str:
         """The G-structure this optimizer works on, and the parameters left to plain SGD."""

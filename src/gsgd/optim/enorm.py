@@ -177,7 +177,11 @@ class ENorm:
             [{"params": list(named.values())}]
         self._blocks = [(block, ws, bs) for block, ws, bs, _ in
                         bind_blocks("ENorm", structure, named, groups, one_group=False)]
-        self._names = {id(p): n for n, p in named.items()}
+        self._named = list(named.items())
+
+    @property
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self._named}
 
     def _views(self, block: Block, weights: list[nn.Parameter], biases: list[nn.Parameter | None]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -283,14 +287,27 @@ class ENormSGD(torch.optim.SGD):
         nesterov: bool = False,
         c: float = 1.0,
         iterations: int = 1,
+        maximize: bool = False,
         *,
         model: nn.Module | None = None,
         structure: Structure | None = None,
     ) -> None:
         check_hyper_parameters("ENormSGD", dict(lr=lr, momentum=momentum, dampening=dampening,
-                                                weight_decay=weight_decay, nesterov=nesterov))
+                                                weight_decay=weight_decay, nesterov=nesterov,
+                                                maximize=maximize))
         params, model, _ = resolve_params("ENormSGD", params, model)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov)
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         self.enorm = ENorm(model, self, c=c, iterations=iterations, structure=structure)
         self.enorm.attach(self)
+
+    def __getstate__(self) -> dict:
+        """torch's state plus the ENorm cycle, so that copies and pickles balance too."""
+        return {**super().__getstate__(), "enorm": self.enorm}
+
+    def __setstate__(self, state: dict) -> None:
+        copied = "enorm" not in self.__dict__  # not torch's load_state_dict on a live one
+        super().__setstate__(state)
+        if copied:  # torch starts a copy with no hooks: attach the cycle again
+            self.enorm.optimizer = self
+            self.enorm.attach(self)

@@ -39,7 +39,7 @@ class _Bound(NamedTuple):
 
 def _hyper(group: dict) -> StepHyper:
     return StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                     group["nesterov"], group["max_ratio"])
+                     group["nesterov"], group["max_ratio"], group["maximize"])
 
 
 class GSGD(GBlockOptimizer):
@@ -85,6 +85,8 @@ class GSGD(GBlockOptimizer):
         compile: build the step with ``torch.compile`` (lazily, on the first step: seconds to
             tens of seconds once per process and shape); the fast path. If compiling fails (no
             C++ compiler, say) it warns and takes the eager step. See benchmarks/README.md.
+        maximize: step up the objective (torch.optim.SGD's ``maximize``): the G-SGD step of
+            the negated loss.
         model, structure: where the G-blocks come from when ``params`` is not a module.
         batchnorm: for models with batch norm, passed to :func:`gsgd.discover`: ``"exact"``
             (G-blocks [BN affine, next layer]; invariant) or ``"approximate"`` (the paper's
@@ -103,6 +105,7 @@ class GSGD(GBlockOptimizer):
         max_ratio: float = 100.0,
         on_nonfinite: str = "raise",
         compile: bool = False,
+        maximize: bool = False,
         *,
         model: nn.Module | None = None,
         structure: Structure | None = None,
@@ -110,8 +113,13 @@ class GSGD(GBlockOptimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
-                        on_nonfinite=on_nonfinite, compile=compile, skipped_steps=0)
-        bound = self._setup("GSGD", params, defaults, model, structure, batchnorm)
+                        on_nonfinite=on_nonfinite, compile=compile, maximize=maximize,
+                        skipped_steps=0)
+        self._setup("GSGD", params, defaults, model, structure, batchnorm)
+
+    def _bound(self, bound: list) -> None:
+        if "_blocks" in self.__dict__:
+            self._flush()  # the pending counters are per block of the old binding
         self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
                                tuple((la.out_units, la.in_units, la.taps) for la in block.layers))
                         for block, weights, biases, gi in bound]
@@ -149,6 +157,10 @@ class GSGD(GBlockOptimizer):
     def state_dict(self) -> dict:
         self._flush()
         return super().state_dict()
+
+    def __getstate__(self) -> dict:
+        self._flush()
+        return super().__getstate__()
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -243,6 +255,9 @@ class GSGD(GBlockOptimizer):
             gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None
                                            else self._checked(b.grad, layer.bias))
                    for b, layer in zip(bp.biases, layers, strict=True)]
+            if group["maximize"]:  # the step of -L (torch.optim.SGD negates the same way)
+                gs = [-g for g in gs]
+                gbs = [None if g is None else -g for g in gbs]
             bufs = bias_bufs = None
             first = False
             if group["momentum"]:

@@ -161,6 +161,7 @@ class PathSGD(GBlockOptimizer):
         lr, momentum, dampening, nesterov: as in ``torch.optim.SGD``.
         weight_decay: lambda of the path regulariser lambda/2 * sum_p v_p^2 on G-block parameters;
             ordinary L2 (torch.optim.SGD's) on the parameters left to plain SGD.
+        maximize: step up the objective (torch.optim.SGD's ``maximize``).
         model, structure: where the G-blocks come from when ``params`` is not a module.
     """
 
@@ -172,13 +173,14 @@ class PathSGD(GBlockOptimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        maximize: bool = False,
         *,
         model: nn.Module | None = None,
         structure: Structure | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov)
-        self._blocks = self._setup("PathSGD", params, defaults, model, structure)
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        self._setup("PathSGD", params, defaults, model, structure)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
@@ -212,6 +214,9 @@ class PathSGD(GBlockOptimizer):
               for w, v, layer in zip(weights, ws, block.layers, strict=True)]
         gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None else b.grad)
                for b in biases]
+        if group["maximize"]:  # the step of -L, as torch.optim.SGD
+            gs = [-g for g in gs]
+            gbs = [None if g is None else -g for g in gbs]
         dws, dbs = path_sgd_direction(ws, biases, gs, gbs, group["weight_decay"])
         for p, d in zip(weights + biases, dws + dbs, strict=True):
             if p is None:

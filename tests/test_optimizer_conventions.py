@@ -1,0 +1,133 @@
+"""torch.optim conventions of the G-block optimizers: copies and pickles step like the original,
+add_param_group binds what it adds, maximize steps up the objective."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import two_block_net
+from gsgd import GSGD, ENormSGD, PathSGD
+
+OPTIMIZERS = {
+    "gsgd": lambda params, **kw: GSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw),
+    "gsgd skip": lambda params, **kw: GSGD(params, lr=0.05, momentum=0.9, on_nonfinite="skip",
+                                           **kw),
+    "gsgd clipping": lambda params, **kw: GSGD(params, lr=0.5, momentum=0.9, max_ratio=1.05,
+                                               **kw),
+    "pathsgd": lambda params, **kw: PathSGD(params, lr=0.05, momentum=0.9, **kw),
+    "enormsgd": lambda params, **kw: ENormSGD(params, lr=0.05, momentum=0.9, **kw),
+}
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int,
+          sign: float = 1.0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        (sign * F.cross_entropy(model(x), y)).backward()
+        opt.step()
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_copies_and_pickles_train_bitwise_like_the_original(kind):
+    model = two_block_net()
+    opt = OPTIMIZERS[kind](model)
+    train(model, opt, 2, seed=0)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    train(model, opt, 3, seed=1)
+    for twin, twin_opt in copies:
+        assert twin_opt is not opt and next(twin.parameters()) is not next(model.parameters())
+        train(twin, twin_opt, 3, seed=1)
+        assert same(twin, model)
+        if isinstance(opt, GSGD):
+            assert twin_opt.clip_counts() == opt.clip_counts()
+            assert twin_opt.skipped_steps() == opt.skipped_steps()
+    if kind == "gsgd clipping":
+        assert sum(opt.clip_counts()) > 0  # the counters travelled with the copies
+
+
+def test_a_copy_of_the_optimizer_alone_steps_its_own_parameters():
+    """copy.deepcopy(opt) copies the parameters it holds, without their gradients (torch's
+    convention); given the same gradients its step moves those copies exactly as the
+    original's step moves the originals."""
+    model = two_block_net()
+    opt = GSGD(model, lr=0.05, momentum=0.9)
+    train(model, opt, 1, seed=0)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.ones(4, 6, dtype=torch.float64)),
+                    torch.zeros(4, dtype=torch.long)).backward()
+    twin = copy.deepcopy(opt)
+    for group, twin_group in zip(opt.param_groups, twin.param_groups, strict=True):
+        for p, q in zip(group["params"], twin_group["params"], strict=True):
+            q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for group, twin_group in zip(opt.param_groups, twin.param_groups, strict=True):
+        for p, q in zip(group["params"], twin_group["params"], strict=True):
+            assert q is not p and torch.equal(q, p)
+
+
+def split(model: torch.nn.Module) -> tuple[list, list]:
+    """Block a (a1, a2), then everything else (stem, block b)."""
+    first = [p for n, p in model.named_parameters() if n.startswith("a")]
+    return first, [p for n, p in model.named_parameters() if not n.startswith("a")]
+
+
+@pytest.mark.parametrize("kind", ["gsgd", "pathsgd"])
+def test_add_param_group_binds_the_new_parameters(kind):
+    """Parameters added later are trained as if they had been there from the start: the new
+    G-block by the G-block rule, the stem by plain SGD."""
+    model, reference = two_block_net(), two_block_net()
+    first, rest = split(model)
+    opt = OPTIMIZERS[kind](first, model=model)
+    before = copy.deepcopy(model)
+    train(model, opt, 1, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(rest, split(before)[1], strict=True))
+    opt.add_param_group({"params": rest, "lr": 0.02})
+    ref_first, ref_rest = split(reference)
+    ref_opt = OPTIMIZERS[kind](ref_first, model=reference)
+    train(reference, ref_opt, 1, seed=0)
+    ref_opt.add_param_group({"params": ref_rest, "lr": 0.02})
+    ref_from_start = OPTIMIZERS[kind]([{"params": ref_first}, {"params": ref_rest, "lr": 0.02}],
+                                      model=reference)
+    ref_from_start.load_state_dict(ref_opt.state_dict())
+    train(model, opt, 3, seed=1)
+    train(reference, ref_from_start, 3, seed=1)
+    assert same(model, reference)
+    assert "stem.weight" in opt.plain_parameters and "b1.weight" not in opt.plain_parameters
+
+
+def test_add_param_group_refuses_a_split_g_block_and_changes_nothing():
+    model = two_block_net()
+    first, _ = split(model)
+    opt = GSGD(first, lr=0.05, model=model)
+    with pytest.raises(ValueError, match=r"b2\.weight.*G-block"):
+        opt.add_param_group({"params": [model.b1.weight]})
+    assert len(opt.param_groups) == 1 and len(opt.structure.blocks) == 2
+    train(model, opt, 1, seed=0)  # and it still steps
+
+
+@pytest.mark.parametrize("kind", ["gsgd", "gsgd skip", "pathsgd", "enormsgd"])
+def test_maximize_steps_like_minimising_the_negated_loss(kind):
+    up, down = two_block_net(), two_block_net()
+    opt_up = OPTIMIZERS[kind](up, maximize=True)
+    opt_down = OPTIMIZERS[kind](down)
+    train(up, opt_up, 3, seed=0)
+    train(down, opt_down, 3, seed=0, sign=-1.0)
+    assert same(up, down) and not same(up, two_block_net())
+
+
+def test_maximize_must_be_a_bool():
+    with pytest.raises(ValueError, match="maximize"):
+        GSGD(two_block_net(), maximize="yes")
