@@ -131,3 +131,59 @@ def test_maximize_steps_like_minimising_the_negated_loss(kind):
 def test_maximize_must_be_a_bool():
     with pytest.raises(ValueError, match="maximize"):
         GSGD(two_block_net(), maximize="yes")
+
+
+def test_moving_the_model_to_float64_after_momentum_steps_carries_the_buffers_along():
+    """model.to(torch.float64) after some steps: the buffers follow their parameters, and the
+    next steps equal those of an optimizer loaded with the same (cast) state."""
+    model = two_block_net().float()
+    opt = GSGD(model, lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.double()
+    twin = copy.deepcopy(model)
+    twin_opt = GSGD(twin, lr=0.05, momentum=0.9)
+    twin_opt.load_state_dict(opt.state_dict())  # torch casts the state to the parameters
+    train(model, opt, 2, seed=4)
+    train(twin, twin_opt, 2, seed=4)
+    assert same(model, twin)
+    assert {opt.state[p]["momentum_buffer"].dtype for p in model.parameters()} == {torch.float64}
+
+
+def test_low_precision_weights_get_the_hyper_parameters_at_full_precision():
+    """A compiled step of bf16 weights reads lr and momentum in float32, not rounded to bf16
+    (0.05 -> 0.050048828125, 0.9 -> 0.8984375)."""
+    from gsgd import fast
+    from gsgd.basis import chain_routes
+    from gsgd.reference import BlockTensors, StepHyper
+
+    w = torch.ones(3, 2, 1, dtype=torch.bfloat16)
+    t = BlockTensors(chain_routes((2, 3)), [w], [w], [None], [None])
+    hp, _ = fast._hyper(fast.BlockStep(t, StepHyper(0.05, 0.9), compile=True))
+    assert hp.dtype == torch.float32
+    assert hp.tolist()[:2] == [pytest.approx(0.05, rel=1e-7), pytest.approx(0.9, rel=1e-7)]
+
+
+@pytest.mark.parametrize("bad", [{"lr": float("inf")}, {"lr": float("nan")},
+                                 {"momentum": float("nan")}, {"weight_decay": float("inf")},
+                                 {"max_ratio": float("inf")}])
+def test_non_finite_hyper_parameters_are_refused(bad):
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"invalid {name}="):
+        GSGD(two_block_net(), **bad)
+
+
+def test_parameters_of_another_model_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="none of the given parameters belongs to the model"):
+        GSGD(two_block_net().parameters(), model=two_block_net())
+
+
+def test_a_meta_device_model_is_refused_at_construction():
+    with torch.device("meta"):
+        model = two_block_net()
+    with pytest.raises(ValueError, match=r"stem\.weight is on the meta device"):
+        GSGD(model)

@@ -430,7 +430,9 @@ def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
     if not step.compile:
         return values, flags
     w = step.tensors.weights[0]
-    return _hyper_tensor(values, w.dtype, w.device), flags
+    # at least float32: bf16 / fp16 weights must not round lr or momentum (0.9 -> 0.8984375)
+    dtype = w.dtype if w.dtype == torch.float64 else torch.float32
+    return _hyper_tensor(values, dtype, w.device), flags
 
 
 def _largest_layer(step: BlockStep) -> int:

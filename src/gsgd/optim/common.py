@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -22,17 +23,19 @@ def check_hyper_parameters(owner: str, hp: dict) -> None:
     def bad(name: str, why: str) -> ValueError:
         return ValueError(f"{owner}: invalid {name}={hp[name]!r}: {why}")
 
-    if "lr" in hp and not (isinstance(hp["lr"], float | int | torch.Tensor) and hp["lr"] >= 0):
-        raise bad("lr", "must be a number >= 0")
+    if "lr" in hp and not (isinstance(hp["lr"], float | int | torch.Tensor) and hp["lr"] >= 0
+                           and math.isfinite(hp["lr"])):
+        raise bad("lr", "must be a finite number >= 0")
     for name in ("momentum", "weight_decay", "dampening"):
-        if name in hp and not (isinstance(hp[name], float | int) and hp[name] >= 0):
-            raise bad(name, "must be a number >= 0")
+        if name in hp and not (isinstance(hp[name], float | int) and hp[name] >= 0
+                               and math.isfinite(hp[name])):
+            raise bad(name, "must be a finite number >= 0")
     if "momentum" in hp and hp["momentum"] >= 1:
         raise bad("momentum", "must be < 1")
     if hp.get("nesterov") and (hp.get("momentum", 0) <= 0 or hp.get("dampening", 0) != 0):
         raise ValueError(f"{owner}: nesterov=True requires momentum > 0 and dampening = 0")
     if "max_ratio" in hp and not (isinstance(hp["max_ratio"], float | int)
-                                  and hp["max_ratio"] > 1):
+                                  and 1 < hp["max_ratio"] < math.inf):
         raise bad("max_ratio", "must be a number > 1 (the carrier ratios keep |R| in [1/B, B])")
     for name in ("compile", "maximize"):
         if name in hp and not isinstance(hp[name], bool):
@@ -57,11 +60,30 @@ def resolve_params(owner: str, params: nn.Module | Iterable, model: nn.Module | 
             f"{owner}: needs the model to find its G-blocks: {owner}(model, lr=...) or "
             f"{owner}(params, lr=..., model=model)"
         )
-    params = list(params)
+    params = [_listed(g) for g in params]  # generators inside groups are read once
     if not params:
         raise ValueError(f"{owner}: got an empty parameter list")
     named = dict(model.named_parameters())
+    given = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    ours = {id(p) for p in named.values()}
+    if not any(id(p) in ours for p in given if isinstance(p, torch.Tensor)):
+        raise ValueError(f"{owner}: none of the given parameters belongs to the model "
+                         f"({type(model).__name__}) passed as model=; pass that model's "
+                         "parameters, or the model they belong to")
+    meta = [n for n, p in named.items() if p.is_meta]
+    if meta:
+        raise ValueError(f"{owner}: parameter {meta[0]} is on the meta device (no values); "
+                         "materialise the model first (model.to_empty(device=...) and "
+                         "initialise it), then build the optimizer")
     return params, model, named
+
+
+def _listed(group):
+    """A param group with its parameters in a list (a tensor or a generator is accepted)."""
+    if not isinstance(group, dict):
+        return group
+    params = group["params"]
+    return {**group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
 
 
 def momentum_direction(state: dict, d: torch.Tensor, mu: float, damp: float,

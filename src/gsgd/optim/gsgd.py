@@ -292,7 +292,8 @@ class GSGD(GBlockOptimizer):
             grads = [self._checked(p.grad, self._names.get(id(p), "?")) for p in params]
             bufs = None
             if group["momentum"]:
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                bufs = [None if "momentum_buffer" not in self.state[p] else self._buffer(p)
+                        for p in params]
                 if gated:
                     for p, b in zip(params, bufs, strict=True):
                         if b is None:
@@ -315,11 +316,16 @@ class GSGD(GBlockOptimizer):
         return g.view(w.shape) if g.is_contiguous() else g.reshape(w.shape)
 
     def _buffer(self, p: nn.Parameter) -> torch.Tensor:
-        """The G-space momentum buffer of p (zeros when new)."""
+        """The G-space momentum buffer of p (zeros when new), in p's dtype and on p's device
+        (a model moved with ``.to()`` after some steps takes its buffers along)."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return state["momentum_buffer"]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(
+                p, memory_format=torch.contiguous_format)
+        elif buf.dtype != p.dtype or buf.device != p.device:
+            buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+        return buf
 
     def _work(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         """A reusable (rows, cols) work matrix of ``like``'s dtype and device: kept across
