@@ -306,6 +306,19 @@ def _check_batchnorm_option(ops: list[_Op], batchnorm: str | None) -> None:
         )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the usual wrappers: ``torch.compile`` (``_orig_mod``),
+    DistributedDataParallel and DataParallel (``module``), nested in any order. The wrapped
+    model holds the same Parameter objects, so an optimizer built on it trains the wrapper."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def discover(model: nn.Module, strict: bool = False, *, batchnorm: str | None = None,
              cut: str | Collection[str] | None = None) -> Structure:
     """Find the G-blocks of ``model``: maximal chains of >= 2 layers joined by homogeneous maps.
@@ -321,6 +334,7 @@ def discover(model: nn.Module, strict: bool = False, *, batchnorm: str | None = 
     """
     if not isinstance(model, nn.Module):
         raise StructureError(f"discover() needs an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     ops = _trace(model)
     _check_batchnorm_option(ops, batchnorm)
     cut_before = _cut_names(model, cut)

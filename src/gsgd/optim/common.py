@@ -50,16 +50,19 @@ def resolve_params(owner: str, params: nn.Module | Iterable, model: nn.Module | 
 
     Returns (params or param groups, the model, the model's named parameters).
     """
+    from gsgd.discovery import unwrap
+
     if isinstance(params, nn.Module):
-        if model is not None and model is not params:
+        if model is not None and unwrap(model) is not unwrap(params):
             raise ValueError(f"{owner}: pass the model either positionally or as model=, not both")
-        model = params
+        model = unwrap(params)
         params = [p for p in model.parameters() if p.requires_grad]
     elif model is None:
         raise ValueError(
             f"{owner}: needs the model to find its G-blocks: {owner}(model, lr=...) or "
             f"{owner}(params, lr=..., model=model)"
         )
+    model = unwrap(model)
     params = [_listed(g) for g in params]  # generators inside groups are read once
     if not params:
         raise ValueError(f"{owner}: got an empty parameter list")
