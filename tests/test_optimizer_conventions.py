@@ -187,3 +187,79 @@ def test_a_meta_device_model_is_refused_at_construction():
         model = two_block_net()
     with pytest.raises(ValueError, match=r"stem\.weight is on the meta device"):
         GSGD(model)
+
+
+def frozen_chain() -> torch.nn.Module:
+    """Linear 5-6-7-4-3 with ReLUs, float64, skeleton init: one G-block of four layers."""
+    from conftest import chain_net
+    from gsgd import discover, skeleton_init
+
+    net = chain_net([5, 6, 7, 4, 3], bias=True, seed=5)
+    skeleton_init(net, discover(net))
+    return net
+
+
+def one_step(net: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt.zero_grad()
+    F.mse_loss(net(torch.randn(8, 5, generator=gen, dtype=torch.float64)),
+               torch.randn(8, 3, generator=gen, dtype=torch.float64)).backward()
+    opt.step()
+
+
+def test_a_frozen_layer_is_never_modified_and_cuts_its_block():
+    """Layer 1 frozen before construction: the optimizer accepts the model, never changes the
+    frozen layer, and steps layers 2-3 as a G-block of their own (the reference step of that
+    chain) and layer 0 alone (a one-layer block: torch SGD's step)."""
+    from gsgd.basis import block_routes
+    from gsgd.reference import BlockTensors, StepHyper, reference_step
+    from gsgd.structure import Block, layer_view
+
+    net = frozen_chain()
+    net[2].requires_grad_(False)
+    opt = GSGD(net, lr=0.05)
+    frozen = [p.detach().clone() for p in net[2].parameters()]
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        opt.zero_grad()
+        F.mse_loss(net(torch.randn(8, 5, generator=gen, dtype=torch.float64)),
+                   torch.randn(8, 3, generator=gen, dtype=torch.float64)).backward()
+        (block,) = opt.structure.blocks
+        tail = Block(block.layers[2:])
+        mods = [net[4], net[6]]
+        ws = [layer_view(m.weight.detach().clone(), la) for m, la in zip(mods, tail.layers,
+                                                                          strict=True)]
+        gs = [layer_view(m.weight.grad.clone(), la) for m, la in zip(mods, tail.layers,
+                                                                     strict=True)]
+        expected = reference_step(BlockTensors(block_routes(tail), ws, gs,
+                                               [m.bias.detach().clone() for m in mods],
+                                               [m.bias.grad.clone() for m in mods]),
+                                  StepHyper(0.05))
+        first = net[0].weight.detach() - 0.05 * net[0].weight.grad
+        opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(net[2].parameters(), frozen, strict=True))
+        for m, w in zip(mods, expected.weights, strict=True):
+            torch.testing.assert_close(m.weight.detach(), w.view_as(m.weight), rtol=1e-12,
+                                       atol=1e-14)
+        torch.testing.assert_close(net[0].weight.detach(), first, rtol=1e-14, atol=1e-15)
+
+
+def test_freezing_and_unfreezing_between_steps_works():
+    net = frozen_chain()
+    opt = GSGD(net, lr=0.05, momentum=0.9)
+    one_step(net, opt, 0)
+    net[4].requires_grad_(False)  # frozen after construction: its grad is None from now on
+    frozen = [p.detach().clone() for p in net[4].parameters()]
+    for seed in (1, 2):
+        one_step(net, opt, seed)
+        assert all(torch.equal(p, q) for p, q in zip(net[4].parameters(), frozen, strict=True))
+    net[4].requires_grad_(True)
+    one_step(net, opt, 3)
+    assert not torch.equal(net[4].weight, frozen[0])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_omitting_trainable_parameters_of_a_g_block_still_raises():
+    net = frozen_chain()
+    with pytest.raises(ValueError, match="belong to a G-block"):
+        GSGD([p for n, p in net.named_parameters() if not n.startswith("2.")], model=net)

@@ -120,13 +120,15 @@ def plain_sgd_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
 
 
 def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter],
-                param_groups: list[dict], one_group: bool = True
+                param_groups: list[dict], one_group: bool = True, frozen_ok: bool = False
                 ) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
     """Each block whose parameters the optimizer holds: (block, weights, biases, group index).
 
     A block with none of its parameters in ``param_groups`` is left out; one with only some of
-    them raises ValueError, as does (with ``one_group``) a block split over param groups. The
-    group is returned by index: ``load_state_dict`` replaces the group dicts.
+    them raises ValueError (unless ``frozen_ok`` and every missing one has
+    ``requires_grad=False``: a frozen layer, which the optimizer's step leaves out), as does
+    (with ``one_group``) a block split over param groups. The group is returned by index:
+    ``load_state_dict`` replaces the group dicts.
     """
     group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
     bound = []
@@ -138,13 +140,14 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
         present = [id(p) in group_of for p in params]
         if not any(present):
             continue
-        if not all(present):
-            absent = [n for n, ok in zip(block.param_names, present, strict=True) if not ok]
+        absent = [n for n, ok in zip(block.param_names, present, strict=True)
+                  if not ok and not (frozen_ok and not named[n].requires_grad)]
+        if absent:
             raise ValueError(
                 f"{owner}: parameters {absent} belong to a G-block with parameters given to the "
                 "optimizer; a G-block is updated as a whole, pass all of its parameters"
             )
-        if one_group and len({group_of[id(p)] for p in params}) != 1:
+        if one_group and len({group_of[id(p)] for p in params if id(p) in group_of}) != 1:
             raise ValueError(
                 f"{owner}: all parameters of a G-block must be in one param group "
                 f"(block {'-'.join(map(str, block.widths))}: {list(block.param_names)})"
@@ -153,7 +156,8 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
         biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
         for layer, w in zip(block.layers, weights, strict=True):
             layer_view(w.detach(), layer)  # validates shape and contiguity now
-        bound.append((block, weights, biases, group_of[id(params[0])]))
+        held = next(p for p in params if id(p) in group_of)
+        bound.append((block, weights, biases, group_of[id(held)]))
     return bound
 
 
@@ -166,6 +170,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
 
     structure: Structure
     plain_parameters: tuple[str, ...]
+    #: may a G-block have frozen layers (parameters with requires_grad=False, not given)?
+    _frozen_ok = False
 
     def _setup(self, owner: str, params: nn.Module | Iterable, defaults: dict,
                model: nn.Module | None, structure: Structure | None,
@@ -199,8 +205,10 @@ class GBlockOptimizer(torch.optim.Optimizer):
     def _bind(self) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
         """Bind the structure's G-blocks to the param groups; the rest is plain SGD."""
         named = dict(self._named)
-        bound = bind_blocks(self._owner, self.structure, named, self.param_groups)
+        bound = bind_blocks(self._owner, self.structure, named, self.param_groups,
+                            frozen_ok=self._frozen_ok)
         in_blocks = {id(p) for _, ws, bs, _ in bound for p in ws + bs if p is not None}
+        self._held = {id(p) for g in self.param_groups for p in g["params"]}
         self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]
         self._plain_group = {id(p): gi for gi, g in enumerate(self.param_groups)
                              for p in g["params"] if id(p) not in in_blocks}

@@ -117,7 +117,10 @@ class GSGD(GBlockOptimizer):
                         skipped_steps=0)
         self._setup("GSGD", params, defaults, model, structure, batchnorm)
 
+    _frozen_ok = True  # frozen layers cut blocks (see _gather_blocks)
+
     def _bound(self, bound: list) -> None:
+        self.__dict__.pop("_parts", None)
         if "_blocks" in self.__dict__:
             self._flush()  # the pending counters are per block of the old binding
         self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
@@ -236,47 +239,65 @@ class GSGD(GBlockOptimizer):
 
     # ------------------------------------------------------------------ gather
     def _gather_blocks(self) -> tuple[list[int], list[BlockStep], list[nn.Parameter]]:
-        """Each block with a gradient (its index, its step: views of its tensors and its
-        group's hyper-parameters) and the parameters whose momentum buffers are new.
-        Nothing is cached across steps (no freed gradient is kept alive)."""
+        """Each block's step (its index, views of its tensors and its group's
+        hyper-parameters) and the parameters whose momentum buffers are new. A layer takes part
+        only if the optimizer holds all its parameters and each has a gradient: a frozen layer
+        (``requires_grad=False``, or ``grad`` None) is never modified and cuts its block into
+        runs of trainable layers, each a G-block of its own (its end units are block
+        boundaries). Nothing is cached across steps (no freed gradient is kept alive)."""
         owners: list[int] = []
         steps: list[BlockStep] = []
         fresh: list[nn.Parameter] = []
         for k, bp in enumerate(self._blocks):
-            grads = [w.grad for w in bp.weights]
-            if all(g is None for g in grads):
-                continue
-            group = self.param_groups[bp.group]
-            layers = bp.block.layers
-            ws = [w.detach().view(shape) if w.is_contiguous() else layer_view(w, layer)
-                  for w, shape, layer in zip(bp.weights, bp.shapes, layers, strict=True)]
-            gs = [self._grad_view(g, w, layer) for g, w, layer in zip(grads, ws, layers,
-                                                                     strict=True)]
-            gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None
-                                           else self._checked(b.grad, layer.bias))
-                   for b, layer in zip(bp.biases, layers, strict=True)]
-            if group["maximize"]:  # the step of -L (torch.optim.SGD negates the same way)
-                gs = [-g for g in gs]
-                gbs = [None if g is None else -g for g in gbs]
-            bufs = bias_bufs = None
-            first = False
-            if group["momentum"]:
-                first = "momentum_buffer" not in self.state[bp.weights[0]]
-                if first:
-                    fresh += [p for p in (*bp.weights, *bp.biases) if p is not None]
-                bufs = [self._buffer(w).view(v.shape) for w, v in zip(bp.weights, ws,
-                                                                       strict=True)]
-                bias_bufs = [None if b is None else self._buffer(b) for b in bp.biases]
-            row_scales = None
-            if bp.approx_bn:  # the paper's heuristic (NOT invariant): per-filter weight norms
-                row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
-                              for layer, w in zip(layers, ws, strict=True)]
-            tensors = BlockTensors(bp.routes, ws, gs, [None if b is None else b.detach()
-                                                       for b in bp.biases],
-                                   gbs, bufs, bias_bufs, row_scales)
-            owners.append(k)
-            steps.append(BlockStep(tensors, _hyper(group), first, bool(group["compile"])))
+            active = [id(w) in self._held and w.grad is not None
+                      and (b is None or (id(b) in self._held and b.grad is not None))
+                      for w, b in zip(bp.weights, bp.biases, strict=True)]
+            for start, stop in _runs(active):
+                part = bp if (start, stop) == (0, len(active)) else self._part(k, start, stop)
+                owners.append(k)
+                steps.append(self._block_step(part, fresh))
         return owners, steps, fresh
+
+    def _part(self, k: int, start: int, stop: int) -> _Bound:
+        """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
+        parts = self.__dict__.setdefault("_parts", {})
+        if (k, start, stop) not in parts:
+            bp = self._blocks[k]
+            block = Block(bp.block.layers[start:stop])
+            parts[(k, start, stop)] = _Bound(block, bp.weights[start:stop],
+                                             bp.biases[start:stop], block_routes(block),
+                                             bp.group, bp.shapes[start:stop])
+        return parts[(k, start, stop)]
+
+    def _block_step(self, bp: _Bound, fresh: list[nn.Parameter]) -> BlockStep:
+        """The views, gradients, buffers and hyper-parameters of one (part of a) block."""
+        group = self.param_groups[bp.group]
+        layers = bp.block.layers
+        ws = [w.detach().view(shape) if w.is_contiguous() else layer_view(w, layer)
+              for w, shape, layer in zip(bp.weights, bp.shapes, layers, strict=True)]
+        gs = [self._grad_view(w.grad, v, layer) for w, v, layer in zip(bp.weights, ws, layers,
+                                                                      strict=True)]
+        gbs = [None if b is None else self._checked(b.grad, layer.bias)
+               for b, layer in zip(bp.biases, layers, strict=True)]
+        if group["maximize"]:  # the step of -L (torch.optim.SGD negates the same way)
+            gs = [-g for g in gs]
+            gbs = [None if g is None else -g for g in gbs]
+        bufs = bias_bufs = None
+        first = False
+        if group["momentum"]:
+            params = [p for p in (*bp.weights, *bp.biases) if p is not None]
+            first = all("momentum_buffer" not in self.state[p] for p in params)
+            fresh += [p for p in params if "momentum_buffer" not in self.state[p]]
+            bufs = [self._buffer(w).view(v.shape) for w, v in zip(bp.weights, ws, strict=True)]
+            bias_bufs = [None if b is None else self._buffer(b) for b in bp.biases]
+        row_scales = None
+        if bp.approx_bn:  # the paper's heuristic (NOT invariant): per-filter weight norms
+            row_scales = [w.reshape(w.shape[0], -1).norm(dim=1) if layer.approx_bn else None
+                          for layer, w in zip(layers, ws, strict=True)]
+        tensors = BlockTensors(bp.routes, ws, gs, [None if b is None else b.detach()
+                                                   for b in bp.biases],
+                               gbs, bufs, bias_bufs, row_scales)
+        return BlockStep(tensors, _hyper(group), first, bool(group["compile"]))
 
     def _gather_plain(self, fresh: list[nn.Parameter], gated: bool
                       ) -> tuple[list[list[nn.Parameter]], list[PlainStep]]:
@@ -308,9 +329,7 @@ class GSGD(GBlockOptimizer):
             raise ValueError(f"GSGD: sparse gradient for {name}")
         return g
 
-    def _grad_view(self, g: torch.Tensor | None, w: torch.Tensor, layer) -> torch.Tensor:
-        if g is None:
-            return torch.zeros_like(w)
+    def _grad_view(self, g: torch.Tensor, w: torch.Tensor, layer) -> torch.Tensor:
         if g.is_sparse:
             raise ValueError(f"GSGD: sparse gradient for {layer.weight}")
         return g.view(w.shape) if g.is_contiguous() else g.reshape(w.shape)
@@ -367,6 +386,18 @@ class GSGD(GBlockOptimizer):
                 found.append((self._plain_group[id(p)],
                               f"non-finite gradient for {self._names.get(id(p), '?')}"))
         return found
+
+
+def _runs(active: list[bool]) -> list[tuple[int, int]]:
+    """(start, stop) of every maximal run of True in ``active``."""
+    runs, start = [], None
+    for i, on in enumerate([*active, False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 def _layer_problem(layer, w: nn.Parameter, b: nn.Parameter | None, r: LayerRoutes) -> str | None:
