@@ -133,6 +133,15 @@ class LayerRoutes:
         """Per tail a: does kappa(a) = pi(a mod h_out) (boolean; see :meth:`passes_on`)."""
         return self._vector("passing", device, lambda d: self.passes_on(self.tails(d)))
 
+    @property
+    def num_carriers(self) -> int:
+        """How many parent edges of this layer are carriers (0 unless the heads are hidden)."""
+        value = self._vectors.get("num carriers")
+        if value is None:
+            value = self._vectors["num carriers"] = 0 if not self.head_hidden else sum(
+                bool(self.is_carrier(b)) for b in range(self.h_out))
+        return value
+
     def unravel(self, flat: int) -> tuple[int, int, int]:
         """(out, in, tap) of a flat position, for messages."""
         return flat // (self.h_in * self.taps), (flat // self.taps) % self.h_in, flat % self.taps

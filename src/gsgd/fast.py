@@ -113,11 +113,14 @@ class PlainStep(NamedTuple):
 class StepOutcome(NamedTuple):
     """``taken``: a bool (``gated=False``) or a 0-d device bool (``gated=True``); ``clipped``:
     per block, the carrier ratios the guard changed in a taken step (0-d device tensors);
-    ``compile_error``: set when a graph failed to compile and its block ran eagerly."""
+    ``compile_error``: set when a graph failed to compile and its block ran eagerly;
+    ``clipped_total``: with ``gated=False``, the changed ratios of all blocks (read with the
+    step's one host sync)."""
 
     taken: bool | torch.Tensor
     clipped: Tensors
     compile_error: str | None = None
+    clipped_total: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,8 +477,13 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     else:
         oks += [torch.isfinite(g.sum()) for g in plain_grads]
         ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool)
-    if not gated and not bool(ok):  # the one host sync of the step
-        return StepOutcome(False, [])
+    total = None
+    if not gated:  # the one host sync of the step: all finite? how many ratios changed?
+        sums = [ok.long()] + list(clipped.values())
+        taken, *counts_now = torch.stack(sums).tolist()
+        if not taken:
+            return StepOutcome(False, [])
+        total = sum(counts_now)
     gate = ok if gated else None
     compile_error = None
     for i in planned:
@@ -495,7 +503,7 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     counts = [clipped[i] for i in range(len(blocks))]
     if gated:
         counts = [c * ok for c in counts]
-    return StepOutcome(ok if gated else True, counts, compile_error)
+    return StepOutcome(ok if gated else True, counts, compile_error, total)
 
 
 def _plain_sgd(p: PlainStep, gate: torch.Tensor | None) -> None:

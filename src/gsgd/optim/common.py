@@ -15,6 +15,10 @@ class NonFiniteError(FloatingPointError):
     """A non-finite gradient or weight, or a zero designated route; the message names it."""
 
 
+class InitScaleWarning(UserWarning):
+    """The model's initialisation makes the G-space step badly scaled (see GSGD's ``init``)."""
+
+
 ON_NONFINITE = ("raise", "skip")
 
 

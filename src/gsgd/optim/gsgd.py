@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from gsgd.basis import LayerRoutes, block_routes
+from gsgd.basis import LayerRoutes, block_routes, route_products
 from gsgd.fast import BlockStep, CompileFailed, PlainStep, StepOutcome, fast_step
-from gsgd.optim.common import GBlockOptimizer, NonFiniteError
+from gsgd.optim.common import GBlockOptimizer, InitScaleWarning, NonFiniteError
 from gsgd.reference import BlockTensors, StepHyper
 from gsgd.structure import Block, Structure, layer_view
 
@@ -110,12 +110,61 @@ class GSGD(GBlockOptimizer):
         model: nn.Module | None = None,
         structure: Structure | None = None,
         batchnorm: str | None = None,
+        init: str | None = None,
     ) -> None:
+        if init not in (None, "skeleton"):
+            raise ValueError(f"GSGD: invalid init={init!r}: supported values are None (keep the "
+                             "model's weights) and 'skeleton' (the paper's init)")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
                         on_nonfinite=on_nonfinite, compile=compile, maximize=maximize,
                         skipped_steps=0)
         self._setup("GSGD", params, defaults, model, structure, batchnorm)
+        if init == "skeleton":
+            from gsgd.discovery import unwrap
+            from gsgd.group import skeleton_init
+
+            skeleton_init(unwrap(params if isinstance(params, nn.Module) else model),
+                          self.structure)
+        self._warn_if_badly_scaled()
+
+    #: a block whose weight-space step lr * g / c^2 is amplified more than this (geometric
+    #: mean of 1/c^2 over a layer's edges) gets an InitScaleWarning at construction
+    AMPLIFICATION_WARN = 100.0
+    #: a step whose ratio guard changes at least this share of the carrier ratios warns
+    CLIP_SHARE_WARN = 0.5
+
+    def step_amplification(self) -> list[tuple[float, str]]:
+        """Per G-block: the largest, over its layers, geometric mean of 1/c_e^2 over the
+        layer's edges (how much the weight-space step lr * g / c^2 is amplified against the
+        skeleton init, where c = 1), and that layer's weight."""
+        found = []
+        for bp in self._blocks:
+            ws = [w.detach().view(shape) for w, shape in zip(bp.weights, bp.shapes, strict=True)]
+            alphas, betas = route_products(ws, bp.routes)
+            with torch.no_grad():
+                logs = [float(betas[l + 1].abs().log().mean() + alphas[l].abs().log().mean())
+                        for l in range(len(ws))]
+            worst = min(range(len(logs)), key=logs.__getitem__)
+            found.append((float(torch.tensor(-2 * logs[worst], dtype=torch.float64).exp()),
+                          bp.block.layers[worst].weight))
+        return found
+
+    def _warn_if_badly_scaled(self) -> None:
+        bad = [(i, a, name) for i, (a, name) in enumerate(self.step_amplification())
+               if not a <= self.AMPLIFICATION_WARN]
+        if not bad:
+            return
+        i, amplification, name = max(bad, key=lambda t: t[1])
+        lr = self.param_groups[self._blocks[i].group]["lr"]
+        warnings.warn(
+            f"GSGD: the designated route products of {len(bad)} of {len(self._blocks)} "
+            f"G-block(s) are small (worst: {name}, where the G-space step lr * g / c^2 is "
+            f"amplified {amplification:.3g}x in weight space): with lr={lr} this init will "
+            "likely ruin the model within a few steps. Use the paper's init, GSGD(model, ..., "
+            "init='skeleton') or gsgd.skeleton_init(model, gsgd.discover(model)) (it changes "
+            f"the function), or an lr around {lr / amplification:.2g}", InitScaleWarning,
+            stacklevel=3)
 
     _frozen_ok = True  # frozen layers cut blocks (see _gather_blocks)
 
@@ -145,6 +194,13 @@ class GSGD(GBlockOptimizer):
             skipped = int(self._pending_skips)
             for group in self.param_groups:
                 group["skipped_steps"] += skipped
+            steps = self.__dict__.get("_steps_since_flush", 0)
+            if skipped >= max(2, 0.1 * steps):
+                warnings.warn(f"GSGD: {skipped} of the last {steps} steps were skipped "
+                              "(non-finite values): the lr is probably too large for this init "
+                              "(see step_amplification() and init='skeleton')",
+                              InitScaleWarning, stacklevel=3)
+        self._steps_since_flush = 0
         self._reset_pending()
 
     def clip_counts(self) -> list[int]:
@@ -193,6 +249,9 @@ class GSGD(GBlockOptimizer):
         if outcome.compile_error is not None:
             self._compile_failed(outcome.compile_error)
         self._record(outcome, gated, owners, fresh)
+        self._steps_since_flush = self.__dict__.get("_steps_since_flush", 0) + 1
+        if outcome.clipped_total:
+            self._warn_if_clipping(outcome.clipped_total, steps)
         for params, p in zip(plain_params, plain, strict=True):  # buffers torch SGD created
             for q, buf in zip(params, p.buffers or [None] * len(params), strict=True):
                 if buf is not None:
@@ -230,6 +289,15 @@ class GSGD(GBlockOptimizer):
         for k, count in zip(owners, outcome.clipped, strict=True):
             pending = self._pending_clips[k]
             self._pending_clips[k] = count if pending is None else pending + count
+
+    def _warn_if_clipping(self, clipped: int, steps: list[BlockStep]) -> None:
+        carriers = sum(r.num_carriers for s in steps for r in s.tensors.routes)
+        if carriers and clipped >= self.CLIP_SHARE_WARN * carriers:
+            warnings.warn(
+                f"GSGD: the carrier-ratio guard changed {clipped} of {carriers} carrier ratios "
+                "in one step: the lr is too large for this init (the step leaves the paper's "
+                "trajectory; see step_amplification() and init='skeleton')", InitScaleWarning,
+                stacklevel=3)
 
     def _compile_failed(self, message: str) -> None:
         warnings.warn(f"GSGD(compile=True): torch.compile failed ({message}); falling back to "
@@ -362,8 +430,11 @@ class GSGD(GBlockOptimizer):
         problems = self._find_problems()
         for gi, problem in problems:
             if self.param_groups[gi]["on_nonfinite"] == "raise":
-                raise NonFiniteError(f"GSGD: {problem}; the step was not taken "
-                                     "(pass on_nonfinite='skip' to skip such steps)")
+                raise NonFiniteError(
+                    f"GSGD: {problem}; the step was not taken. Likely cause: an lr too large "
+                    "for this init (the weight-space step is lr * g / c^2: see "
+                    "step_amplification(), clip_counts() and init='skeleton'); "
+                    "on_nonfinite='skip' skips such steps")
         if not problems and any(self.param_groups[g]["on_nonfinite"] == "raise"
                                 for g in self._groups_used()):
             raise NonFiniteError("GSGD: non-finite value (overflow in the sums of w * grad); "
