@@ -263,3 +263,25 @@ def test_omitting_trainable_parameters_of_a_g_block_still_raises():
     net = frozen_chain()
     with pytest.raises(ValueError, match="belong to a G-block"):
         GSGD([p for n, p in net.named_parameters() if not n.startswith("2.")], model=net)
+
+
+def test_channels_last_conv_weights_take_the_same_steps_as_contiguous_ones():
+    from conftest import conv_chain_net
+
+    plain = conv_chain_net()
+    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert not fast[0].weight.is_contiguous()
+    opts = [GSGD(net, lr=0.05, momentum=0.9) for net in (plain, fast)]
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        x = torch.randn(8, 2, 4, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        for net, opt in zip((plain, fast), opts, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)
+                                if net is fast else x), y).backward()
+            opt.step()
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last)  # layout kept
+    for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(plain[0].weight, conv_chain_net()[0].weight)

@@ -167,7 +167,8 @@ def layer_view(weight: torch.Tensor, layer: Layer) -> torch.Tensor:
     if not weight.is_contiguous():
         raise StructureError(
             f"{layer.module}: weight must be contiguous (got strides {weight.stride()}); "
-            "channels_last conv weights are not supported, call .contiguous() on the module"
+            "this optimizer needs contiguous weights: convert the model with "
+            "model.to(memory_format=torch.contiguous_format) (GSGD takes channels_last)"
         )
     return weight.view(shape)
 

@@ -124,7 +124,8 @@ def plain_sgd_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
 
 
 def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter],
-                param_groups: list[dict], one_group: bool = True, frozen_ok: bool = False
+                param_groups: list[dict], one_group: bool = True, frozen_ok: bool = False,
+                contiguous: bool = True
                 ) -> list[tuple[Block, list[nn.Parameter], list[nn.Parameter | None], int]]:
     """Each block whose parameters the optimizer holds: (block, weights, biases, group index).
 
@@ -132,7 +133,8 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
     them raises ValueError (unless ``frozen_ok`` and every missing one has
     ``requires_grad=False``: a frozen layer, which the optimizer's step leaves out), as does
     (with ``one_group``) a block split over param groups. The group is returned by index:
-    ``load_state_dict`` replaces the group dicts.
+    ``load_state_dict`` replaces the group dicts. Weights must be contiguous if ``contiguous``
+    (else only their number of elements is checked).
     """
     group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
     bound = []
@@ -159,7 +161,8 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
         weights = [named[layer.weight] for layer in block.layers]
         biases = [named[layer.bias] if layer.bias else None for layer in block.layers]
         for layer, w in zip(block.layers, weights, strict=True):
-            layer_view(w.detach(), layer)  # validates shape and contiguity now
+            # validates shape (and contiguity) now
+            layer_view(w.detach() if contiguous else w.detach().contiguous(), layer)
         held = next(p for p in params if id(p) in group_of)
         bound.append((block, weights, biases, group_of[id(held)]))
     return bound
@@ -176,6 +179,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
     plain_parameters: tuple[str, ...]
     #: may a G-block have frozen layers (parameters with requires_grad=False, not given)?
     _frozen_ok = False
+    #: does the step take weights of any memory layout (channels_last)?
+    _any_layout = False
 
     def _setup(self, owner: str, params: nn.Module | Iterable, defaults: dict,
                model: nn.Module | None, structure: Structure | None,
@@ -210,7 +215,7 @@ class GBlockOptimizer(torch.optim.Optimizer):
         """Bind the structure's G-blocks to the param groups; the rest is plain SGD."""
         named = dict(self._named)
         bound = bind_blocks(self._owner, self.structure, named, self.param_groups,
-                            frozen_ok=self._frozen_ok)
+                            frozen_ok=self._frozen_ok, contiguous=not self._any_layout)
         in_blocks = {id(p) for _, ws, bs, _ in bound for p in ws + bs if p is not None}
         self._held = {id(p) for g in self.param_groups for p in g["params"]}
         self._plain = [p for g in self.param_groups for p in g["params"] if id(p) not in in_blocks]

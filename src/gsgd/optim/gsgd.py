@@ -18,7 +18,7 @@ from gsgd.basis import LayerRoutes, block_routes, route_products
 from gsgd.fast import BlockStep, CompileFailed, PlainStep, StepOutcome, fast_step
 from gsgd.optim.common import GBlockOptimizer, InitScaleWarning, NonFiniteError
 from gsgd.reference import BlockTensors, StepHyper
-from gsgd.structure import Block, Structure, layer_view
+from gsgd.structure import Block, Structure
 
 
 class _Bound(NamedTuple):
@@ -140,7 +140,8 @@ class GSGD(GBlockOptimizer):
         skeleton init, where c = 1), and that layer's weight."""
         found = []
         for bp in self._blocks:
-            ws = [w.detach().view(shape) for w, shape in zip(bp.weights, bp.shapes, strict=True)]
+            ws = [w.detach().reshape(shape) for w, shape in zip(bp.weights, bp.shapes,
+                                                                 strict=True)]
             alphas, betas = route_products(ws, bp.routes)
             with torch.no_grad():
                 logs = [float(betas[l + 1].abs().log().mean() + alphas[l].abs().log().mean())
@@ -167,6 +168,7 @@ class GSGD(GBlockOptimizer):
             stacklevel=3)
 
     _frozen_ok = True  # frozen layers cut blocks (see _gather_blocks)
+    _any_layout = True  # channels_last weights step on a contiguous copy (see _block_step)
 
     def _bound(self, bound: list) -> None:
         self.__dict__.pop("_parts", None)
@@ -234,7 +236,7 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        owners, steps, fresh = self._gather_blocks()
+        owners, steps, fresh, copies = self._gather_blocks()
         gated = self._gated(steps)
         plain_params, plain = self._gather_plain(fresh, gated)
         if not steps and not plain:
@@ -246,6 +248,8 @@ class GSGD(GBlockOptimizer):
             self._compile_failed(str(exc))
             steps = [s._replace(compile=False) for s in steps]
             outcome = fast_step(steps, plain, gated=gated, work=work)
+        for p, copy in copies:  # channels_last weights: the step wrote a contiguous copy
+            p.detach().copy_(copy)
         if outcome.compile_error is not None:
             self._compile_failed(outcome.compile_error)
         self._record(outcome, gated, owners, fresh)
@@ -306,7 +310,8 @@ class GSGD(GBlockOptimizer):
             group["compile"] = False
 
     # ------------------------------------------------------------------ gather
-    def _gather_blocks(self) -> tuple[list[int], list[BlockStep], list[nn.Parameter]]:
+    def _gather_blocks(self) -> tuple[list[int], list[BlockStep], list[nn.Parameter],
+                                      list[tuple[nn.Parameter, torch.Tensor]]]:
         """Each block's step (its index, views of its tensors and its group's
         hyper-parameters) and the parameters whose momentum buffers are new. A layer takes part
         only if the optimizer holds all its parameters and each has a gradient: a frozen layer
@@ -316,6 +321,7 @@ class GSGD(GBlockOptimizer):
         owners: list[int] = []
         steps: list[BlockStep] = []
         fresh: list[nn.Parameter] = []
+        copies: list[tuple[nn.Parameter, torch.Tensor]] = []
         for k, bp in enumerate(self._blocks):
             active = [id(w) in self._held and w.grad is not None
                       and (b is None or (id(b) in self._held and b.grad is not None))
@@ -323,8 +329,8 @@ class GSGD(GBlockOptimizer):
             for start, stop in _runs(active):
                 part = bp if (start, stop) == (0, len(active)) else self._part(k, start, stop)
                 owners.append(k)
-                steps.append(self._block_step(part, fresh))
-        return owners, steps, fresh
+                steps.append(self._block_step(part, fresh, copies))
+        return owners, steps, fresh, copies
 
     def _part(self, k: int, start: int, stop: int) -> _Bound:
         """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
@@ -337,12 +343,20 @@ class GSGD(GBlockOptimizer):
                                              bp.group, bp.shapes[start:stop])
         return parts[(k, start, stop)]
 
-    def _block_step(self, bp: _Bound, fresh: list[nn.Parameter]) -> BlockStep:
-        """The views, gradients, buffers and hyper-parameters of one (part of a) block."""
+    def _block_step(self, bp: _Bound, fresh: list[nn.Parameter],
+                    copies: list[tuple[nn.Parameter, torch.Tensor]]) -> BlockStep:
+        """The views, gradients, buffers and hyper-parameters of one (part of a) block. A
+        weight in another memory layout (channels_last) is stepped as a contiguous copy, which
+        ``copies`` lists for writing back."""
         group = self.param_groups[bp.group]
         layers = bp.block.layers
-        ws = [w.detach().view(shape) if w.is_contiguous() else layer_view(w, layer)
-              for w, shape, layer in zip(bp.weights, bp.shapes, layers, strict=True)]
+        ws = []
+        for w, shape in zip(bp.weights, bp.shapes, strict=True):
+            if not w.is_contiguous():
+                copy = w.detach().contiguous()
+                copies.append((w, copy))
+                w = copy
+            ws.append(w.detach().view(shape))
         gs = [self._grad_view(w.grad, v, layer) for w, v, layer in zip(bp.weights, ws, layers,
                                                                       strict=True)]
         gbs = [None if b is None else self._checked(b.grad, layer.bias)
@@ -410,8 +424,9 @@ class GSGD(GBlockOptimizer):
         if buf is None:
             buf = state["momentum_buffer"] = torch.zeros_like(
                 p, memory_format=torch.contiguous_format)
-        elif buf.dtype != p.dtype or buf.device != p.device:
-            buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype)
+        elif buf.dtype != p.dtype or buf.device != p.device or not buf.is_contiguous():
+            buf = state["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype,
+                                                    memory_format=torch.contiguous_format)
         return buf
 
     def _work(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -473,7 +488,7 @@ def _runs(active: list[bool]) -> list[tuple[int, int]]:
 
 def _layer_problem(layer, w: nn.Parameter, b: nn.Parameter | None, r: LayerRoutes) -> str | None:
     """What is wrong with one layer of a block, if anything (for the refusal message)."""
-    view = layer_view(w.detach(), layer)
+    view = w.detach().reshape(r.h_out, r.h_in, r.taps)
     checks = [(view, f"non-finite weight in {layer.weight}"),
               (w.grad, f"non-finite gradient for {layer.weight}"),
               (b, f"non-finite bias {layer.bias}"),
