@@ -285,3 +285,25 @@ def test_channels_last_conv_weights_take_the_same_steps_as_contiguous_ones():
     for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
     assert not torch.equal(plain[0].weight, conv_chain_net()[0].weight)
+
+
+def test_parameters_left_to_plain_sgd_are_named_in_one_warning_with_the_reason():
+    from torch import nn
+
+    from gsgd import PlainParametersWarning
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.GELU(),
+                          nn.Linear(5, 3))
+    with pytest.warns(PlainParametersWarning, match=r"4\.weight, 4\.bias.*GELU.*not positively"):
+        GSGD(model, lr=0.1)
+
+
+def test_an_opaque_module_is_named_when_no_g_block_is_found():
+    from torch import nn
+
+    from gsgd import StructureError
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(
+        8, 2, 16, activation="relu", batch_first=True))
+    with pytest.raises(StructureError, match=r"1 \(TransformerEncoderLayer\) is opaque"):
+        GSGD(model, lr=0.1)

@@ -5,13 +5,22 @@ The common case is one line: ``GSGD(model, lr=...)``; see the README for the res
 
 from gsgd.discovery import discover
 from gsgd.group import canonical_form, random_rescale, skeleton_init
-from gsgd.optim import GSGD, ENorm, ENormSGD, InitScaleWarning, NonFiniteError, PathSGD
+from gsgd.optim import (
+    GSGD,
+    ENorm,
+    ENormSGD,
+    InitScaleWarning,
+    NonFiniteError,
+    PathSGD,
+    PlainParametersWarning,
+)
 from gsgd.structure import Block, Layer, Structure, StructureError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GSGD", "PathSGD", "ENorm", "ENormSGD", "NonFiniteError", "InitScaleWarning", "discover",
+    "GSGD", "PathSGD", "ENorm", "ENormSGD", "NonFiniteError", "InitScaleWarning",
+    "PlainParametersWarning", "discover",
     "skeleton_init",
     "random_rescale", "canonical_form", "Structure", "Block", "Layer", "StructureError",
 ]

@@ -344,6 +344,11 @@ def discover(model: nn.Module, strict: bool = False, *, batchnorm: str | None = 
                      "BN-followed layers scaled by per-filter weight norms); NOT invariant")
     bn_transparent = batchnorm == "approximate"
     for op in ops:
+        if op.kind == "other" and op.module is not None \
+                and next(op.module.parameters(), None) is not None:
+            notes.append(f"{op.name} ({type(op.module).__name__}) is opaque to discovery (traced "
+                         "as one module): its parameters get plain SGD")
+    for op in ops:
         if op.kind == "bn-functional":
             op.kind = "other"
             notes.append(f"{op.description}: functional batch norm is not supported; "

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -44,7 +45,7 @@ from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.optimizers import build_optimizer
 from gsgd.experiments.report import write_group_report, write_report
 from gsgd.group import random_rescale, skeleton_init
-from gsgd.optim.common import NonFiniteError
+from gsgd.optim.common import NonFiniteError, PlainParametersWarning
 
 __all__ = [
     "RunInterrupted",
@@ -252,7 +253,9 @@ def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
     torch.manual_seed(seed)
     model, structure = prepare_model(config, seed, data)
     model.to(device=device, dtype=dtype)
-    optimizer = build_optimizer(spec, model, structure)
+    with warnings.catch_warnings():  # the report records the structure and its plain params
+        warnings.simplefilter("ignore", PlainParametersWarning)
+        optimizer = build_optimizer(spec, model, structure)
     generator = torch.Generator().manual_seed(seed)
 
     def to_device(split, limit: int | None):

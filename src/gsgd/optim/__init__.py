@@ -5,9 +5,10 @@ Plain SGD and Adam are torch's own; SGD from the paper's skeleton initialisation
 (:func:`gsgd.group.skeleton_init`) is the fair control for G-SGD.
 """
 
-from gsgd.optim.common import InitScaleWarning, NonFiniteError
+from gsgd.optim.common import InitScaleWarning, NonFiniteError, PlainParametersWarning
 from gsgd.optim.enorm import ENorm, ENormSGD
 from gsgd.optim.gsgd import GSGD
 from gsgd.optim.pathsgd import PathSGD
 
-__all__ = ["ENorm", "ENormSGD", "GSGD", "InitScaleWarning", "NonFiniteError", "PathSGD"]
+__all__ = ["ENorm", "ENormSGD", "GSGD", "InitScaleWarning", "NonFiniteError", "PathSGD",
+           "PlainParametersWarning"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +14,10 @@ from gsgd.structure import Block, Structure, StructureError, layer_view
 
 class NonFiniteError(FloatingPointError):
     """A non-finite gradient or weight, or a zero designated route; the message names it."""
+
+
+class PlainParametersWarning(UserWarning):
+    """Some of the model's parameters are left to plain SGD; the message lists them and why."""
 
 
 class InitScaleWarning(UserWarning):
@@ -202,6 +207,14 @@ class GBlockOptimizer(torch.optim.Optimizer):
         self._owner = owner
         self._named = list(named.items())  # kept to rebind: copies, add_param_group
         bound = self._bind()
+        if bound and self.plain_parameters:
+            shown = ", ".join(self.plain_parameters[:8]) + (
+                f", ... ({len(self.plain_parameters)} in all)"
+                if len(self.plain_parameters) > 8 else "")
+            why = "; ".join(structure.notes) or "they are in no chain of >= 2 layers"
+            warnings.warn(f"{owner}: parameters outside every G-block get plain SGD: {shown} "
+                          f"(why: {why}); see opt.summary()", PlainParametersWarning,
+                          stacklevel=3)
         if not bound:
             why = "; ".join(structure.notes) or "no two layers are joined by a ReLU-family map"
             raise StructureError(
