@@ -87,6 +87,11 @@ class GSGD(GBlockOptimizer):
             C++ compiler, say) it warns and takes the eager step. See benchmarks/README.md.
         maximize: step up the objective (torch.optim.SGD's ``maximize``): the G-SGD step of
             the negated loss.
+        init: ``"skeleton"`` sets every designated weight to 1 now (the paper's init,
+            :func:`gsgd.skeleton_init`; it changes the function); None (default) leaves the
+            weights alone. Where the optimizer is built again after weights are loaded
+            (Lightning's ``configure_optimizers`` on resume, a Trainer resuming), call
+            ``skeleton_init`` where the model is built instead.
         model, structure: where the G-blocks come from when ``params`` is not a module.
         batchnorm: for models with batch norm, passed to :func:`gsgd.discover`: ``"exact"``
             (G-blocks [BN affine, next layer]; invariant) or ``"approximate"`` (the paper's
