@@ -306,7 +306,7 @@ class GSGD(GBlockOptimizer):
                 f"GSGD: the carrier-ratio guard changed {clipped} of {carriers} carrier ratios "
                 "in one step: the lr is too large for this init (the step leaves the paper's "
                 "trajectory; see step_amplification() and init='skeleton')", InitScaleWarning,
-                stacklevel=3)
+                stacklevel=5)  # past step() and torch's two wrappers of it
 
     def _compile_failed(self, message: str) -> None:
         warnings.warn(f"GSGD(compile=True): torch.compile failed ({message}); falling back to "
