@@ -83,11 +83,11 @@ class LayerRoutes:
                 make: Callable[[torch.device | None], torch.Tensor]) -> torch.Tensor:
         """Index data that depends only on the widths: built once per device and kept eagerly;
         traced (free inside a kernel) under torch.compile."""
+        if torch.compiler.is_compiling():  # never a cached tensor: a graph constant would
+            return make(device)            # be gathered from memory inside the kernels
         key = (name, device)
         value = self._vectors.get(key)
         if value is None:
-            if torch.compiler.is_compiling():
-                return make(device)
             value = self._vectors[key] = make(device)
         return value
 
