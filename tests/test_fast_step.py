@@ -362,3 +362,26 @@ def test_a_one_layer_block_plans_in_its_own_dtype(dtype):
     opt.step()
     for name, want in expected.items():
         torch.testing.assert_close(model.get_parameter(name).detach(), want, msg=name)
+
+
+def test_compiled_graphs_trace_the_index_vectors_instead_of_capturing_cached_ones(monkeypatch):
+    """Index vectors cached by eager code (here: deliberately wrong ones) must not become
+    constants of a compiled graph: the graph traces them from the widths."""
+    from gsgd import graphs
+
+    monkeypatch.setattr(fast, "compiled",
+                        lambda fn, threads=-1: graphs.FlatCompiled(fn, threads))  # fresh graphs
+    model, twin = mlp_net(True), mlp_net(True)
+    opt = GSGD(model, lr=0.05, momentum=0.9, compile=True)
+    for r in opt._blocks[0].routes:  # poison the eager caches of this optimizer's routes
+        for name in ("carriers", "passing"):
+            r._vectors[(name, None)] = ~getattr(r, name)()
+            r._vectors[(name, torch.device("cpu"))] = r._vectors[(name, None)]
+    eager = GSGD(twin, lr=0.05, momentum=0.9)
+    for seed in range(2):
+        for net, o in ((model, opt), (twin, eager)):
+            o.zero_grad()
+            backward(net, (5,), seed)
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
