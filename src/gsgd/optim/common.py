@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as torch_sgd
 
 from gsgd.structure import Block, Structure, StructureError, layer_view
 
@@ -118,14 +119,17 @@ def momentum_direction(state: dict, d: torch.Tensor, mu: float, damp: float,
 
 def plain_sgd_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                      group: dict) -> None:
-    """torch.optim.SGD's update (weight-space momentum / weight decay) for non-G parameters."""
-    for p in params:
-        d = -p.grad if group.get("maximize") else p.grad
-        if group["weight_decay"]:
-            d = d.add(p, alpha=group["weight_decay"])
-        d = momentum_direction(optimizer.state[p], d, group["momentum"], group["dampening"],
-                               group["nesterov"])
-        p.add_(d, alpha=-group["lr"])
+    """torch.optim.SGD's own update (``torch.optim.sgd.sgd``: weight-space momentum / weight
+    decay) for non-G parameters; new momentum buffers go into ``optimizer.state``."""
+    if not params:
+        return
+    bufs = [optimizer.state[p].get("momentum_buffer") for p in params]
+    torch_sgd(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
+              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+              nesterov=bool(group["nesterov"]), maximize=bool(group.get("maximize")))
+    if group["momentum"]:
+        for p, buf in zip(params, bufs, strict=True):
+            optimizer.state[p]["momentum_buffer"] = buf
 
 
 def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter],

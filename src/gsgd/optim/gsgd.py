@@ -189,6 +189,7 @@ class GSGD(GBlockOptimizer):
         """Counts of gated steps, kept on the device until read (reading is a host sync)."""
         self._pending_clips: list[torch.Tensor | None] = [None] * len(self._blocks)
         self._pending_skips: torch.Tensor | None = None
+        self._steps_since_flush = 0
 
     def _flush(self) -> None:
         """Fold the device counters into ``state`` / ``param_groups`` (Python ints)."""
@@ -201,13 +202,12 @@ class GSGD(GBlockOptimizer):
             skipped = int(self._pending_skips)
             for group in self.param_groups:
                 group["skipped_steps"] += skipped
-            steps = self.__dict__.get("_steps_since_flush", 0)
+            steps = self._steps_since_flush
             if skipped >= max(2, 0.1 * steps):
                 warnings.warn(f"GSGD: {skipped} of the last {steps} steps were skipped "
                               "(non-finite values): the lr is probably too large for this init "
                               "(see step_amplification() and init='skeleton')",
                               InitScaleWarning, stacklevel=3)
-        self._steps_since_flush = 0
         self._reset_pending()
 
     def clip_counts(self) -> list[int]:
@@ -258,7 +258,7 @@ class GSGD(GBlockOptimizer):
         if outcome.compile_error is not None:
             self._compile_failed(outcome.compile_error)
         self._record(outcome, gated, owners, fresh)
-        self._steps_since_flush = self.__dict__.get("_steps_since_flush", 0) + 1
+        self._steps_since_flush += 1
         if outcome.clipped_total:
             self._warn_if_clipping(outcome.clipped_total, steps)
         for params, p in zip(plain_params, plain, strict=True):  # buffers torch SGD created
