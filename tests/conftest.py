@@ -46,6 +46,17 @@ def chain_net(widths: Sequence[int], bias: bool | Sequence[bool] = True,
     return net
 
 
+def skeleton_chain(widths: Sequence[int], seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """:func:`chain_net` (ReLU, biases) from the paper's skeleton init, float32 by default (the
+    framework-integration tests train it as users would)."""
+    from gsgd import discover, skeleton_init
+
+    net = chain_net(widths, seed=seed, dtype=dtype)
+    skeleton_init(net, discover(net))
+    return net
+
+
 def conv_chain_net() -> nn.Module:
     """A tiny conv -> flatten -> Linear chain (one G-block, biases everywhere), float64, from
     the skeleton init."""

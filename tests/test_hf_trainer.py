@@ -9,18 +9,14 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from gsgd import GSGD, discover, skeleton_init  # noqa: E402
+from conftest import skeleton_chain  # noqa: E402
+from gsgd import GSGD  # noqa: E402
 
 
 class Classifier(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, 16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, 3))
-        skeleton_init(self.net, discover(self.net))
+        self.net = skeleton_chain([10, 16, 16, 3])
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         logits = self.net(x)

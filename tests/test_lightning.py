@@ -9,20 +9,16 @@ import torch.nn.functional as F
 
 lightning = pytest.importorskip("lightning")
 
-from gsgd import GSGD, discover, skeleton_init  # noqa: E402
+from conftest import skeleton_chain  # noqa: E402
+from gsgd import GSGD  # noqa: E402
 
 
 class Classifier(lightning.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, 16), torch.nn.ReLU(),
-                                           torch.nn.Linear(16, 3))
         # the paper's init belongs here, not in configure_optimizers: Lightning builds the
         # optimizer again on resume, after loading the weights
-        skeleton_init(self.net, discover(self.net))
+        self.net = skeleton_chain([10, 16, 16, 3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
