@@ -385,3 +385,117 @@ def test_compiled_graphs_trace_the_index_vectors_instead_of_capturing_cached_one
             o.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------- writes that would not be finite
+
+def block_tensors_of(opt: GSGD, model: nn.Module, block) -> BlockTensors:
+    """The tensors one step of ``block`` reads (buffers as tensors: zeros before the first)."""
+    named = dict(model.named_parameters())
+    layers = block.layers
+    momentum = opt.param_groups[0]["momentum"]
+
+    def buffer(name: str) -> torch.Tensor:
+        p = named[name]
+        return opt.state[p].get("momentum_buffer", torch.zeros_like(p)).detach()
+
+    return BlockTensors(
+        block_routes(block), [layer_view(named[la.weight].detach(), la) for la in layers],
+        [layer_view(named[la.weight].grad, la) for la in layers],
+        [named[la.bias].detach() if la.bias else None for la in layers],
+        [named[la.bias].grad if la.bias else None for la in layers],
+        [layer_view(buffer(la.weight), la) for la in layers] if momentum else None,
+        [buffer(la.bias) if la.bias else None for la in layers] if momentum else None)
+
+
+@pytest.mark.parametrize("hyper", [h for h in HYPER if h != "maximize"])
+@pytest.mark.parametrize("net_name", ["mlp+bias", "conv+pool+flatten", "two blocks + plain"])
+def test_the_write_bound_bounds_every_value_the_dense_pass_computes(net_name, hyper):
+    """With an lr at which lr * s / c dominates the new weights, every weight, buffer and bias
+    the dense pass computes is within :func:`gsgd.fast.block_bound` of its block (on the
+    device and, from the same magnitudes, on the host)."""
+    build, shape, options = NETS[net_name]
+    model = build()
+    opt = GSGD(model, **options, **{"lr": 0.05, **HYPER[hyper]})
+    for seed in range(3):  # a few ordinary steps, so that the buffers are not zero
+        opt.zero_grad()
+        backward(model, shape, seed)
+        opt.step()
+    group = opt.param_groups[0]
+    hp = fast.Numbers(1e3, group["momentum"], group["dampening"], group["weight_decay"],
+                      group["max_ratio"])
+    flags = fast.StepFlags(group["nesterov"], bool(group["weight_decay"]))
+    for block in opt.structure.blocks:
+        t = block_tensors_of(opt, model, block)
+        plan = fast.block_plan(t, hp, flags)
+        bound = float(fast.block_bound(t, plan, hp, flags))
+        on_host = fast.magnitudes_bound(plan.magnitudes.tolist(), hp, flags,
+                                        t.buffers is not None, any(b is not None for b in t.biases))
+        assert on_host == pytest.approx(bound, rel=1e-12)  # the host reads the same bound
+        largest = max(float(x.abs().max()) for l in range(len(t.routes))
+                      for x in fast.layer_values(t, plan, hp, flags, l) if x is not None)
+        assert largest <= bound, (largest, bound)
+        assert largest > 1e-3 * bound  # and it is not a vacuous bound
+
+
+def overflowing_net() -> tuple[nn.Module, GSGD]:
+    """A float32 two-block net with a plain stem, one momentum step taken (buffers exist)."""
+    model = two_block_net().float()
+    opt = GSGD(model, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(8)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    return model, opt
+
+
+def snapshot(model: nn.Module, opt: GSGD) -> list[torch.Tensor]:
+    return [t.detach().clone() for p in model.parameters()
+            for t in (p, opt.state[p]["momentum_buffer"])]
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip", "compiled raise"])
+def test_a_step_that_would_write_non_finite_values_is_refused_whole(mode):
+    """Finite weights and gradients, but lr * g / c^2 beyond float32's range: the step writes
+    nothing (weights and buffers bitwise unchanged) and raises / is counted as skipped."""
+    model, opt = overflowing_net()
+    opt.param_groups[0].update(lr=1e38, on_nonfinite=mode.removeprefix("compiled "),
+                               compile=mode.startswith("compiled"))
+    gen = torch.Generator().manual_seed(9)
+    for p in model.parameters():
+        p.grad = 1e6 * torch.randn(p.shape, generator=gen)
+    before = snapshot(model, opt)
+    if mode.endswith("raise"):
+        with pytest.raises(NonFiniteError, match="would write non-finite values"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps() == [1]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), before, strict=True))
+
+
+def test_a_step_whose_bound_is_out_of_range_is_checked_and_then_taken(monkeypatch):
+    """A weight of 1e25 in float32 (its square overflows the bound's norms): the step cannot be
+    cleared by the bound, so it is computed out of place, found finite and written; it is the
+    reference step."""
+    calls = []
+    checked = fast.checked_step
+    monkeypatch.setattr(fast, "checked_step", lambda *a: calls.append(1) or checked(*a))
+    model = mlp_net(True).float()
+    opt = GSGD(model, lr=0.05, momentum=0.9)
+    (block,) = opt.structure.blocks
+    r = block_routes(block)[1]
+    designated = set(r.parent_flat().tolist()) | set(r.child_flat().tolist())
+    free = next(k for k in range(r.h_out * r.h_in) if k not in designated)
+    with torch.no_grad():
+        model.get_parameter(block.layers[1].weight).view(-1)[free] = 1e25
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        expected, _ = reference_of(opt, model)
+        opt.step()
+        for name, want in expected.items():
+            if not name.endswith(" buffer"):
+                torch.testing.assert_close(model.get_parameter(name).detach(), want, msg=name)
+    assert len(calls) == 2 and opt.skipped_steps() == [0]

@@ -20,11 +20,19 @@ reference's own functions; only the column sums and the dense pass have fast for
 
 Host syncs: ``gated=False`` reads one boolean per step (is every value finite?) before writing;
 ``gated=True`` reads nothing: every write is ``where(ok, new, old)`` on the device.
+
+Writes that would not be finite: besides its inputs, every plan bounds what the dense pass can
+write (:func:`write_bound`, from the norms of w, g, buf and the O(H) route factors). A step
+whose bound stays far below the dtype's range is written in place; one whose bound does not
+(an lr / c^2 near the dtype's range) is computed out of place and its values checked first
+(``gated=False``), or refused (``gated=True``, no host sync to decide with). A step whose values
+would not be finite is refused like one with non-finite gradients (``StepOutcome.overflow``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -115,12 +123,14 @@ class StepOutcome(NamedTuple):
     per block, the carrier ratios the guard changed in a taken step (0-d device tensors);
     ``compile_error``: set when a graph failed to compile and its block ran eagerly;
     ``clipped_total``: with ``gated=False``, the changed ratios of all blocks (read with the
-    step's one host sync)."""
+    step's one host sync); ``overflow``: the step was refused because the values it would write
+    are not finite (its inputs were)."""
 
     taken: bool | torch.Tensor
     clipped: Tensors
     compile_error: str | None = None
     clipped_total: int | None = None
+    overflow: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,9 +142,14 @@ class Plan(NamedTuple):
     can return it). ``ratios[l]`` (per head; 1 where pi(b) is not a carrier) and
     ``carrier_bufs[l]`` are None unless the heads of layer l are hidden; ``inv_rhos[l]`` is
     1 / rho per tail unit; ``inv_alphas`` / ``inv_betas`` are 1 / alpha and 1 / beta per node
-    layer (inverted once, so the weight-sized pass only multiplies)."""
+    layer (inverted once, so the weight-sized pass only multiplies). ``safe``: the
+    :func:`write_bound` of the block is far below the dtype's range (the dense pass can be
+    written in place without a check of its values); with ``bound_on_host`` it is None and
+    ``magnitudes`` (:func:`block_magnitudes`) is what the host decides it from."""
 
     ok: torch.Tensor
+    safe: torch.Tensor | None
+    magnitudes: torch.Tensor | None
     clipped: torch.Tensor
     inv_alphas: Tensors
     inv_betas: Tensors
@@ -175,7 +190,132 @@ def _total(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.dot(w.reshape(-1), g.reshape(-1))
 
 
-def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None = None) -> Plan:
+class Magnitudes(NamedTuple):
+    """Upper bounds on the magnitude of every entry a dense pass reads (0-d tensors, or floats
+    on the host): w, g, buf (None: no momentum; L2 norms bound every entry) and the largest
+    1 / c, c, 1 / rho (at least 1) and row scale."""
+
+    w: torch.Tensor | float
+    g: torch.Tensor | float
+    buf: torch.Tensor | float | None
+    inv_c: torch.Tensor | float
+    c: torch.Tensor | float
+    inv_rho: torch.Tensor | float
+    row_scale: torch.Tensor | float
+
+
+def _max(a, b):
+    """max of two numbers (0-d tensors or floats; NaN wins, as in torch.maximum)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return a if a != a or a >= b else b
+
+
+def write_bound(m: Magnitudes, hp: Hyper, flags: StepFlags, carriers: bool):
+    """A bound on |every value| the dense pass computes, by the triangle inequality:
+
+        |d|   <= |g| / c * row_scale + wd * c * |w|
+        |buf'| <= momentum * |buf| + |1 - dampening| * |d|,  |s| <= |buf'| (+ |d| + momentum |buf'|)
+        |w'|  <= (|w| + lr * |s| / c) / rho,   carriers: |w| * max_ratio / rho,  1 / (c rho)
+
+    with the largest 1 / c, c and 1 / rho of :class:`Magnitudes` (docs/math.md section 7).
+    Pure arithmetic: on 0-d tensors (a graph, no host sync) or on floats (the host)."""
+    n = _numbers(hp)
+    d = m.g * m.inv_c * m.row_scale
+    if flags.has_wd:
+        d = d + n.weight_decay * m.c * m.w
+    b = s = d
+    if m.buf is not None:
+        b = n.momentum * m.buf + abs(1 - n.dampening) * d
+        s = d + n.momentum * b if flags.nesterov else b
+    top = _max(_max(d, b), _max((m.w + n.lr * s * m.inv_c) * m.inv_rho, m.inv_c * m.inv_rho))
+    return _max(top, m.w * n.max_ratio * m.inv_rho) if carriers else top
+
+
+def _squares(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """sum of squares of each tensor (at least float32). In a graph, summed by rows first like
+    :func:`column_sums`, so that the compiler can fuse it into the same kernels."""
+    if torch.compiler.is_compiling():
+        out = []
+        for t in ts:
+            t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+            rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+            k = ROW_BLOCK if rows.shape[0] % ROW_BLOCK == 0 and rows.shape[0] > ROW_BLOCK else 1
+            out.append((rows * rows).view(rows.shape[0] // k, k, -1).sum(1).sum(0).sum())
+        return out
+    if ts[0].dtype in (torch.float16, torch.bfloat16):
+        return [t.float().square().sum() for t in ts]
+    return [torch.dot(t.reshape(-1), t.reshape(-1)) for t in ts]
+
+
+def _range(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(smallest, largest) |entry| of several tensors, as one 2-vector."""
+    lo, hi = torch.cat([t.reshape(-1) for t in ts]).abs().aminmax()
+    return torch.stack([lo, hi])
+
+
+def _limit(dtype: torch.dtype) -> float:
+    """What a write bound must stay under: far inside the range of ``dtype``, so that the
+    rounding of the bound's own arithmetic cannot matter."""
+    return torch.finfo(dtype).max / 64
+
+
+#: the entries of a block's magnitude vector (:func:`block_magnitudes`)
+MAGNITUDES = ("w2", "g2", "buf2", "inv_alpha", "alpha_inv_min", "inv_beta", "beta_inv_min",
+              "inv_beta_bias", "beta_inv_min_bias", "inv_rho", "row_scale",
+              "b2", "gb2", "bb2")
+
+
+def block_magnitudes(t: BlockTensors, inv_alphas: Tensors, inv_betas: Tensors,
+                     inv_rhos: Tensors) -> torch.Tensor:
+    """What the write bound of a block needs, as ONE vector (entries named by
+    :data:`MAGNITUDES`): sums of squares of w, g, buf and of the biases, their gradients and
+    buffers (0 where absent), the largest |1/alpha|, |1/beta|, |1/rho|, |row scale| and the
+    smallest |1/alpha|, |1/beta| (1 / the largest alpha, beta)."""
+    ws = t.weights
+    acc = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=acc, device=ws[0].device)
+
+    def total(ts: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
+        ts = [x for x in ts or [] if x is not None]
+        return torch.stack(_squares(ts)).sum().to(acc) if ts else zero
+
+    a, b = _range(inv_alphas).to(acc), _range(inv_betas).to(acc)
+    bias_heads = [ib for ib, bias in zip(inv_betas[1:], t.biases, strict=True) if bias is not None]
+    bb = _range(bias_heads).to(acc) if bias_heads else torch.stack([zero, zero])
+    scales = [r for r in (t.row_scales or []) if r is not None]
+    rs = _range(scales)[1].to(acc) if scales else zero + 1
+    return torch.stack([total(ws), total(t.grads), total(t.buffers), a[1], a[0], b[1], b[0],
+                        bb[1], bb[0], torch.clamp(_range(inv_rhos)[1].to(acc), min=1), rs,
+                        total(t.biases), total(t.bias_grads), total(t.bias_buffers)])
+
+
+def magnitudes_bound(v, hp: Hyper, flags: StepFlags, has_buf: bool, has_bias: bool):
+    """The write bound of a block from its magnitude vector ``v`` (a tensor, or a list of
+    floats on the host): weights (carriers included) and biases."""
+    e = dict(zip(MAGNITUDES, v, strict=True))
+    sqrt = (lambda x: x.sqrt()) if isinstance(e["w2"], torch.Tensor) else (lambda x: x ** 0.5)
+    weights = Magnitudes(sqrt(e["w2"]), sqrt(e["g2"]), sqrt(e["buf2"]) if has_buf else None,
+                         e["inv_alpha"] * e["inv_beta"], 1 / (e["alpha_inv_min"] *
+                                                          e["beta_inv_min"]),
+                         e["inv_rho"], e["row_scale"])
+    top = write_bound(weights, hp, flags, carriers=True)
+    if has_bias:
+        biases = Magnitudes(sqrt(e["b2"]), sqrt(e["gb2"]), sqrt(e["bb2"]) if has_buf else None,
+                            e["inv_beta_bias"], 1 / e["beta_inv_min_bias"], 1.0, e["row_scale"])
+        top = _max(top, write_bound(biases, hp, flags, carriers=False))
+    return top
+
+
+def block_bound(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags) -> torch.Tensor:
+    """A bound on |every value| the dense pass of a block computes (on the device)."""
+    v = block_magnitudes(t, plan.inv_alphas, plan.inv_betas, plan.inv_rhos)
+    return magnitudes_bound(v, hp, flags, t.buffers is not None,
+                            any(b is not None for b in t.biases))
+
+
+def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None = None,
+               bound_on_host: bool = False) -> Plan:
     """Phase A of one block (reads only), with the reference's recursions:
 
         alpha, beta = route_products(w)                  Z = carrier_potentials(sums, x_kappa)
@@ -233,33 +373,51 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None =
     inv_rhos = [rho.reciprocal() for rho in node_ratios(ratios, routes, ws[0])]
     clipped = torch.cat(changed).sum() if changed else \
         torch.zeros((), dtype=torch.long, device=ws[0].device)
-    return Plan(ok, clipped, [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas],
-                inv_rhos, ratios, carrier_bufs)
+    inv_alphas, inv_betas = [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas]
+    mags = block_magnitudes(t, inv_alphas, inv_betas, inv_rhos)
+    kept = [b for b in carrier_bufs if b is not None]
+    if kept:  # the carriers' buffers (O(H), computed here) must be finite: a NaN magnitude
+        mags = torch.where(torch.isfinite(torch.cat(kept)).all(), mags, torch.nan)
+    safe = None
+    if not bound_on_host:
+        safe = magnitudes_bound(mags, hp, flags, t.buffers is not None,
+                                any(b is not None for b in t.biases)) < _limit(ws[0].dtype)
+    return Plan(ok, safe, mags, clipped, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs)
 
 
 # --------------------------------------------------------------------------------------------
 # Phase B: the dense pass of a block
 # --------------------------------------------------------------------------------------------
 
-def _bias_update(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
+def _bias_values(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | None,
                  inv_beta: torch.Tensor, hp: Hyper, flags: StepFlags,
-                 row_scale: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
-    """Bias of node b (an edge from a bias node: rho = 1, v = b * beta): b -= lr * s / beta.
-    Nothing changes unless ``gate`` (when given) is true."""
+                 row_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New (bias, bias buffer) of node b (an edge from a bias node: rho = 1, v = b * beta):
+    b' = b - lr * s / beta."""
     n = _numbers(hp)
-    lr = n.lr
     db = g_space_direction(gb * inv_beta, row_scale, n.weight_decay if flags.has_wd else None,
                            b / inv_beta if flags.has_wd else None)
     sb, new_bb = (db, None) if bias_buf is None else momentum_step(db, bias_buf, n.momentum,
                                                                    n.dampening, flags.nesterov)
-    if gate is None:
-        if new_bb is not None:
-            bias_buf.copy_(new_bb)
-        b.sub_(lr * sb * inv_beta)
-        return
-    if new_bb is not None:
-        bias_buf.copy_(torch.where(gate, new_bb, bias_buf))
-    b.copy_(torch.where(gate, b - lr * sb * inv_beta, b))
+    return b - n.lr * sb * inv_beta, new_bb
+
+
+class LayerValues(NamedTuple):
+    """What the dense pass writes for one layer (None where the layer has no such tensor)."""
+
+    weight: torch.Tensor
+    buffer: torch.Tensor | None
+    bias: torch.Tensor | None
+    bias_buffer: torch.Tensor | None
+
+
+def _write(t: BlockTensors, l: int, v: LayerValues, gate: torch.Tensor | None = None) -> None:
+    """Write the values of layer l (each where ``gate``, when given)."""
+    buf, bias_buf, _ = _layer_tensors(t, l)
+    for dst, new in ((t.weights[l], v.weight), (buf, v.buffer), (t.biases[l], v.bias),
+                     (bias_buf, v.bias_buffer)):
+        if dst is not None and new is not None:
+            dst.copy_(new if gate is None else torch.where(gate, new, dst))
 
 
 def _layer_tensors(t: BlockTensors, l: int
@@ -271,52 +429,55 @@ def _layer_tensors(t: BlockTensors, l: int
     return buf, bias_buf, row_scale
 
 
-def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
-                       gate: torch.Tensor | None = None) -> None:
-    """Phase B with the frozen and carrier edges selected by predicates (the compile form, and
-    the eager form of a gated step). Each layer is ONE pointwise map reading w, g, buf:
+def layer_values(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
+                 l: int) -> LayerValues:
+    """Phase B of layer l out of place, with the frozen and carrier edges selected by
+    predicates (the compile form, the eager form of a gated step and of a checked one). ONE
+    pointwise map reading w, g, buf:
 
         w'   = w                                         frozen kappa(a) = (a mod h_out, a)
         w'   = w * R(b) / rho(tail)                      carrier pi(b) = (b, b mod h_in)
         w'   = (w - lr * s / c) / rho(tail)              every other edge
         buf' = 0 | carrier buffer(b) | momentum_step(d, buf)   (same cases)
-
-    With ``gate`` (a 0-d bool) every value is written back unchanged unless it is true.
     """
     n = _numbers(hp)
-    for l, (w, g, r) in enumerate(zip(t.weights, t.grads, t.routes, strict=True)):
-        buf, bias_buf, row_scale = _layer_tensors(t, l)
-        dev = w.device
-        o = r.heads(dev)[:, None, None]
-        i = r.tails(dev)[None, :, None]
-        centre = torch.arange(r.taps, device=dev)[None, None, :] == r.centre
-        inv_c = plan.inv_betas[l + 1][:, None, None] * plan.inv_alphas[l][None, :, None]
-        d = g_space_direction(g * inv_c, None if row_scale is None else row_scale[:, None, None],
-                              n.weight_decay if flags.has_wd else None,
-                              w / inv_c if flags.has_wd else None)
-        s, new_buf = (d, None) if buf is None else momentum_step(d, buf, n.momentum,
-                                                                 n.dampening, flags.nesterov)
-        new_w = w - n.lr * s * inv_c
-        if r.head_hidden:
-            car = r.carriers(dev)[:, None, None] & (r.parent_tail(o) == i) & centre
-            new_w = torch.where(car, w * plan.ratios[l][:, None, None], new_w)
-            if buf is not None:
-                new_buf = torch.where(car, plan.carrier_bufs[l][:, None, None], new_buf)
-        new_w = new_w * plan.inv_rhos[l][None, :, None]
-        if r.tail_hidden:
-            frozen = (r.child_head(i) == o) & centre
-            new_w = torch.where(frozen, w, new_w)
-            if buf is not None:
-                new_buf = torch.where(frozen, 0.0, new_buf)
-        if gate is not None:
-            new_w = torch.where(gate, new_w, w)
-            new_buf = None if buf is None else torch.where(gate, new_buf, buf)
-        w.copy_(new_w)
+    w, g, r = t.weights[l], t.grads[l], t.routes[l]
+    buf, bias_buf, row_scale = _layer_tensors(t, l)
+    dev = w.device
+    o = r.heads(dev)[:, None, None]
+    i = r.tails(dev)[None, :, None]
+    centre = torch.arange(r.taps, device=dev)[None, None, :] == r.centre
+    inv_c = plan.inv_betas[l + 1][:, None, None] * plan.inv_alphas[l][None, :, None]
+    d = g_space_direction(g * inv_c, None if row_scale is None else row_scale[:, None, None],
+                          n.weight_decay if flags.has_wd else None,
+                          w / inv_c if flags.has_wd else None)
+    s, new_buf = (d, None) if buf is None else momentum_step(d, buf, n.momentum,
+                                                             n.dampening, flags.nesterov)
+    new_w = w - n.lr * s * inv_c
+    if r.head_hidden:
+        car = r.carriers(dev)[:, None, None] & (r.parent_tail(o) == i) & centre
+        new_w = torch.where(car, w * plan.ratios[l][:, None, None], new_w)
         if buf is not None:
-            buf.copy_(new_buf)
-        if t.biases[l] is not None:
-            _bias_update(t.biases[l], t.bias_grads[l], bias_buf, plan.inv_betas[l + 1], hp,
-                         flags, row_scale, gate)
+            new_buf = torch.where(car, plan.carrier_bufs[l][:, None, None], new_buf)
+    new_w = new_w * plan.inv_rhos[l][None, :, None]
+    if r.tail_hidden:
+        frozen = (r.child_head(i) == o) & centre
+        new_w = torch.where(frozen, w, new_w)
+        if buf is not None:
+            new_buf = torch.where(frozen, 0.0, new_buf)
+    new_b = new_bb = None
+    if t.biases[l] is not None:
+        new_b, new_bb = _bias_values(t.biases[l], t.bias_grads[l], bias_buf,
+                                     plan.inv_betas[l + 1], hp, flags, row_scale)
+    return LayerValues(new_w, new_buf, new_b, new_bb)
+
+
+def block_apply_masked(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
+                       gate: torch.Tensor | None = None) -> None:
+    """Phase B out of place (:func:`layer_values`), written layer by layer; with ``gate`` (a
+    0-d bool) every value is written back unchanged unless it is true."""
+    for l in range(len(t.routes)):
+        _write(t, l, layer_values(t, plan, hp, flags, l), gate)
 
 
 def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
@@ -383,8 +544,11 @@ def block_apply_inplace(t: BlockTensors, plan: Plan, hp: Numbers, flags: StepFla
             if bf is not None:
                 bf[r.child_flat(dev)] = 0
         if t.biases[l] is not None:
-            _bias_update(t.biases[l], t.bias_grads[l], bias_buf, plan.inv_betas[l + 1], hp,
-                         flags, row_scale)
+            new_b, new_bb = _bias_values(t.biases[l], t.bias_grads[l], bias_buf,
+                                         plan.inv_betas[l + 1], hp, flags, row_scale)
+            t.biases[l].copy_(new_b)
+            if new_bb is not None:
+                bias_buf.copy_(new_bb)
 
 
 def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
@@ -397,18 +561,20 @@ def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def fused_step(blocks: list[tuple[BlockTensors, Hyper, StepFlags]], plain_grads: Tensors,
-               gate: torch.Tensor | None = None) -> tuple[torch.Tensor, Tensors]:
-    """Plans every block; ``ok`` = every plan ok, every plain gradient finite (and ``gate``);
-    then the dense passes of all blocks, which change nothing unless ``ok``.
-    Returns (ok, clip counts)."""
+               gate: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+    """Plans every block; ``ok`` = every plan ok, every plain gradient finite; ``safe`` =
+    every plan safe; then the dense passes of all blocks, which change nothing unless ``ok``,
+    ``safe`` and ``gate`` (everything outside the graph is ok and safe).
+    Returns (ok, safe, clip counts)."""
     plans = [block_plan(t, hp, flags) for t, hp, flags in blocks]
-    oks = [plan.ok for plan in plans] + [torch.isfinite(g.sum()) for g in plain_grads]
-    if gate is not None:
-        oks.append(gate)
-    ok = torch.stack(oks).all()
+    ok = torch.stack([plan.ok for plan in plans]
+                     + [torch.isfinite(g.sum()) for g in plain_grads]).all()
+    safe = torch.stack([plan.safe for plan in plans]).all()
+    write = ok & safe if gate is None else ok & safe & gate
     for (t, hp, flags), plan in zip(blocks, plans, strict=True):
-        block_apply_masked(t, plan, hp, flags, ok)
-    return ok, [plan.clipped for plan in plans]
+        block_apply_masked(t, plan, hp, flags, write)
+    return ok, safe, [plan.clipped for plan in plans]
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,30 +627,59 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     one_graph = bool(to_compile) and \
         max(_largest_layer(blocks[i]) for i in to_compile) < SMALL_LAYER
     planned = [i for i, b in enumerate(blocks) if not (one_graph and b.compile)]
+    # the write bounds of eager blocks and plain parameters are decided on the host, with the
+    # step's one sync -- unless there is no sync (gated) or one graph needs them as its gate
+    host = not gated and not one_graph
+    on_host = [i for i in planned if host and not blocks[i].compile]
     plans: dict[int, Plan] = {}
     for i in planned:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
         plans[i] = compiled(block_plan)(t, hp, flags) if blocks[i].compile \
-            else block_plan(t, hp, flags, work)
+            else block_plan(t, hp, flags, work, bound_on_host=i in on_host)
     clipped: dict[int, torch.Tensor] = {i: plans[i].clipped for i in planned}
     oks = [plans[i].ok for i in planned]
+    safes = [plans[i].safe for i in planned if i not in on_host]
+    plain_mags = [plain_magnitudes(p) for p in plain]
+    if not host:
+        safes += [plain_bound(v, p) < _limit(p.params[0].dtype)
+                  for v, p in zip(plain_mags, plain, strict=True)]
     plain_grads = [g for p in plain for g in p.grads]
-    if one_graph:  # plans, checks and writes (gated on ok) of the compiled blocks
-        gate = torch.stack(oks).all() if oks else None
+    if one_graph:  # plans, checks and writes (gated on everything being ok) of the compiled blocks
+        gate = torch.stack(oks + safes).all() if oks or safes else None
         args = [(blocks[i].tensors, *hypers[i]) for i in to_compile]
-        ok, counts = compiled(fused_step, 1)(args, plain_grads, gate)
+        ok_graph, safe_graph, counts = compiled(fused_step, 1)(args, plain_grads, gate)
         clipped.update(zip(to_compile, counts, strict=True))
+        oks.append(ok_graph)
+        safes.append(safe_graph)
     else:
         oks += [torch.isfinite(g.sum()) for g in plain_grads]
-        ok = torch.stack(oks).all() if oks else torch.ones((), dtype=torch.bool)
+    one = torch.ones((), dtype=torch.bool, device=_device(blocks, plain))
+    ok = torch.stack(oks).all() if oks else one
+    safe = torch.stack(safes).all() if safes else one
     total = None
-    if not gated:  # the one host sync of the step: all finite? how many ratios changed?
-        sums = [ok.long()] + list(clipped.values())
-        taken, *counts_now = torch.stack(sums).tolist()
+    if not gated:  # the one host sync of the step: all finite? bounded? ratios changed?
+        host_mags = [plans[i].magnitudes for i in on_host] + (plain_mags if host else [])
+        head = torch.stack([ok, safe] + list(clipped.values())).double() if clipped \
+            else torch.stack([ok, safe]).double()
+        values = torch.cat([head] + [m.double() for m in host_mags]).tolist()
+        taken, bounded = bool(values[0]), bool(values[1])
+        counts_now = values[2:2 + len(clipped)]
+        rest = values[2 + len(clipped):]
+        for i in on_host:
+            v, rest = rest[:len(MAGNITUDES)], rest[len(MAGNITUDES):]
+            t, (hp, flags) = blocks[i].tensors, hypers[i]
+            bound = magnitudes_bound(v, hp, flags, t.buffers is not None,
+                                     any(b is not None for b in t.biases))
+            bounded = bounded and _host_safe(bound, v, t.weights[0].dtype)
+        for p in plain if host else []:
+            v, rest = rest[:3], rest[3:]
+            bounded = bounded and _host_safe(plain_bound(v, p), v, p.params[0].dtype)
         if not taken:
             return StepOutcome(False, [])
-        total = sum(counts_now)
-    gate = ok if gated else None
+        if not bounded:  # nothing was written: compute out of place, check, then write
+            return checked_step(blocks, hypers, plain)
+        total = int(sum(counts_now))
+    gate = ok & safe if gated else None
     compile_error = None
     for i in planned:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
@@ -502,25 +697,97 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
         _plain_sgd(p, gate)
     counts = [clipped[i] for i in range(len(blocks))]
     if gated:
-        counts = [c * ok for c in counts]
-    return StepOutcome(ok if gated else True, counts, compile_error, total)
+        counts = [c * gate for c in counts]
+    return StepOutcome(gate if gated else True, counts, compile_error, total)
+
+
+def _device(blocks: Sequence[BlockStep], plain: Sequence[PlainStep]) -> torch.device:
+    return blocks[0].tensors.weights[0].device if blocks else plain[0].params[0].device
+
+
+def checked_step(blocks: Sequence[BlockStep], hypers: list[tuple[Hyper, StepFlags]],
+                 plain: Sequence[PlainStep]) -> StepOutcome:
+    """The step when its write bound is not small enough to write in place unchecked: every
+    value computed out of place (eagerly), all checked to be finite, then written; or nothing
+    written (``overflow=True``) if one is not."""
+    plans = [block_plan(b.tensors, hp, flags) for b, (hp, flags) in zip(blocks, hypers,
+                                                                        strict=True)]
+    values = [[layer_values(b.tensors, plan, hp, flags, l) for l in range(len(b.tensors.routes))]
+              for b, plan, (hp, flags) in zip(blocks, plans, hypers, strict=True)]
+    plain_new = [_plain_values(p) for p in plain]
+    news = [x for vs in values for v in vs for x in v if x is not None]
+    news += [x for params, bufs in plain_new for x in [*params, *bufs] if x is not None]
+    if news and not bool(torch.stack([torch.isfinite(x).all() for x in news]).all()):
+        return StepOutcome(False, [], overflow=True)
+    for b, vs in zip(blocks, values, strict=True):
+        for l, v in enumerate(vs):
+            _write(b.tensors, l, v)
+    for p, (params, bufs) in zip(plain, plain_new, strict=True):
+        _write_plain(p, params, bufs)
+    counts = [plan.clipped for plan in plans]
+    total = int(torch.stack(counts).sum()) if counts else 0
+    return StepOutcome(True, counts, None, total)
+
+
+def plain_magnitudes(p: PlainStep) -> torch.Tensor:
+    """Sums of squares of a plain-SGD parameter set, its gradients and buffers (0 if none)."""
+    acc = torch.float64 if p.params[0].dtype == torch.float64 else torch.float32
+    bufs = [b for b in (p.buffers or []) if b is not None]
+    zero = torch.zeros((), dtype=acc, device=p.params[0].device)
+    return torch.stack([torch.stack(_squares(ts)).sum().to(acc) if ts else zero
+                        for ts in (p.params, p.grads, bufs)])
+
+
+def plain_bound(v, p: PlainStep):
+    """:func:`write_bound` of a plain-SGD parameter set (c = rho = 1) from its magnitudes."""
+    h = p.hyper
+    sqrt = (lambda x: x.sqrt()) if isinstance(v, torch.Tensor) else (lambda x: x ** 0.5)
+    m = Magnitudes(sqrt(v[0]), sqrt(v[1]), sqrt(v[2]) if h.momentum else None, 1.0, 1.0, 1.0,
+                   1.0)
+    hp = Numbers(float(h.lr), float(h.momentum), float(h.dampening), float(h.weight_decay), 1.0)
+    return write_bound(m, hp, StepFlags(bool(h.nesterov), bool(h.weight_decay)),
+                       carriers=False)
+
+
+def _host_safe(bound: float, magnitudes: Sequence[float], dtype: torch.dtype) -> bool:
+    return all(math.isfinite(x) for x in magnitudes) and bound < _limit(dtype)
+
+
+def _sgd_kwargs(h: StepHyper) -> dict:
+    return dict(weight_decay=h.weight_decay, momentum=h.momentum, lr=h.lr,
+                dampening=h.dampening, nesterov=bool(h.nesterov), maximize=bool(h.maximize))
+
+
+def _plain_values(p: PlainStep) -> tuple[Tensors, OptTensors]:
+    """torch.optim.SGD's own update (``torch.optim.sgd.sgd``) of the plain parameters, on
+    copies: (new parameters, new buffers; None where there is no buffer to write)."""
+    bufs = p.buffers if p.buffers is not None else [None] * len(p.params)
+    new_params = [q.clone() for q in p.params]
+    new_bufs = [None if b is None else b.clone() for b in bufs]
+    torch_sgd(new_params, p.grads, new_bufs, **_sgd_kwargs(p.hyper))
+    return new_params, new_bufs
+
+
+def _write_plain(p: PlainStep, params: Tensors, bufs: OptTensors,
+                 gate: torch.Tensor | None = None) -> None:
+    """Write new plain parameters and buffers (where ``gate``, when given); a buffer torch
+    SGD created for a None entry is handed over into ``p.buffers``."""
+    for q, new in zip(p.params, params, strict=True):
+        q.copy_(new if gate is None else torch.where(gate, new, q))
+    if p.buffers is None:
+        return
+    for k, (b, new) in enumerate(zip(p.buffers, bufs, strict=True)):
+        if b is not None:
+            b.copy_(new if gate is None else torch.where(gate, new, b))
+        elif gate is None:
+            p.buffers[k] = new
 
 
 def _plain_sgd(p: PlainStep, gate: torch.Tensor | None) -> None:
-    """torch.optim.SGD's own update (``torch.optim.sgd.sgd``) of the plain parameters; gated:
-    computed on copies and written where ``gate``."""
-    h = p.hyper
-    kwargs = dict(weight_decay=h.weight_decay, momentum=h.momentum, lr=h.lr,
-                  dampening=h.dampening, nesterov=bool(h.nesterov), maximize=bool(h.maximize))
-    bufs = p.buffers if p.buffers is not None else [None] * len(p.params)
+    """torch.optim.SGD's own update of the plain parameters: in place, or gated: computed on
+    copies and written where ``gate``."""
     if gate is None:
-        torch_sgd(p.params, p.grads, bufs, **kwargs)
+        bufs = p.buffers if p.buffers is not None else [None] * len(p.params)
+        torch_sgd(p.params, p.grads, bufs, **_sgd_kwargs(p.hyper))
         return
-    new_params = [q.clone() for q in p.params]
-    new_bufs = [None if b is None else b.clone() for b in bufs]
-    torch_sgd(new_params, p.grads, new_bufs, **kwargs)
-    for q, new in zip(p.params, new_params, strict=True):
-        q.copy_(torch.where(gate, new, q))
-    for b, new in zip(bufs, new_bufs, strict=True):
-        if b is not None:
-            b.copy_(torch.where(gate, new, b))
+    _write_plain(p, *_plain_values(p), gate)

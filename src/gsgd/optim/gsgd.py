@@ -293,7 +293,7 @@ class GSGD(GBlockOptimizer):
         elif not outcome.taken:
             for p in fresh:  # buffers made for a step that was not taken are not state
                 self.state[p].pop("momentum_buffer", None)
-            self._refuse()
+            self._refuse(outcome.overflow)
             return
         for k, count in zip(owners, outcome.clipped, strict=True):
             pending = self._pending_clips[k]
@@ -444,9 +444,21 @@ class GSGD(GBlockOptimizer):
         return pool[key]
 
     # ------------------------------------------------------------------ refusal
-    def _refuse(self) -> None:
+    def _refuse(self, overflow: bool = False) -> None:
         """The step was refused and nothing written: raise naming the first problem in a group
-        with ``on_nonfinite="raise"``, or count a skipped step."""
+        with ``on_nonfinite="raise"``, or count a skipped step. ``overflow``: the inputs were
+        finite, the values the step would write were not."""
+        if overflow:
+            if any(self.param_groups[g]["on_nonfinite"] == "raise" for g in self._groups_used()):
+                raise NonFiniteError(
+                    "GSGD: the step would write non-finite values (finite weights and "
+                    "gradients, but w - lr * s / c overflows); the step was not taken. Likely "
+                    "cause: an lr far too large for this init (the weight-space step is "
+                    "lr * g / c^2: see step_amplification() and init='skeleton'); "
+                    "on_nonfinite='skip' skips such steps")
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return
         problems = self._find_problems()
         for gi, problem in problems:
             if self.param_groups[gi]["on_nonfinite"] == "raise":
