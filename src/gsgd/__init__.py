@@ -3,6 +3,7 @@
 The common case is one line: ``GSGD(model, lr=...)``; see the README for the rest.
 """
 
+from gsgd.conditioning import PathCondResult, pathcond
 from gsgd.discovery import discover
 from gsgd.group import canonical_form, random_rescale, skeleton_init
 from gsgd.optim import (
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GSGD", "PathSGD", "ENorm", "ENormSGD", "NonFiniteError", "InitScaleWarning",
     "PlainParametersWarning", "discover",
-    "skeleton_init",
+    "skeleton_init", "pathcond", "PathCondResult",
     "random_rescale", "canonical_form", "Structure", "Block", "Layer", "StructureError",
 ]
