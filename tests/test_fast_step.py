@@ -429,13 +429,19 @@ def test_the_write_bound_bounds_every_value_the_dense_pass_computes(net_name, hy
         t = block_tensors_of(opt, model, block)
         plan = fast.block_plan(t, hp, flags)
         bound = float(fast.block_bound(t, plan, hp, flags))
-        on_host = fast.magnitudes_bound(plan.magnitudes.tolist(), hp, flags,
-                                        t.buffers is not None, any(b is not None for b in t.biases))
+        on_host, carry = fast.magnitudes_bound(plan.magnitudes.tolist(), hp, flags,
+                                               t.buffers is not None,
+                                               any(b is not None for b in t.biases))
         assert on_host == pytest.approx(bound, rel=1e-12)  # the host reads the same bound
-        largest = max(float(x.abs().max()) for l in range(len(t.routes))
-                      for x in fast.layer_values(t, plan, hp, flags, l) if x is not None)
+        values = [fast.layer_values(t, plan, hp, flags, l) for l in range(len(t.routes))]
+        largest = max(float(x.abs().max()) for v in values for x in v if x is not None)
         assert largest <= bound, (largest, bound)
         assert largest > 1e-3 * bound  # and it is not a vacuous bound
+        # what the next step may carry bounds what this one writes: w, buf, bias, bias buf
+        for k, limit in enumerate(carry):
+            written = [v[k] for v in values if v[k] is not None]
+            if written:
+                assert max(float(x.abs().max()) for x in written) <= limit ** 0.5, k
 
 
 def overflowing_net() -> tuple[nn.Module, GSGD]:
@@ -499,3 +505,65 @@ def test_a_step_whose_bound_is_out_of_range_is_checked_and_then_taken(monkeypatc
             if not name.endswith(" buffer"):
                 torch.testing.assert_close(model.get_parameter(name).detach(), want, msg=name)
     assert len(calls) == 2 and opt.skipped_steps() == [0]
+
+
+def carried_of(opt: GSGD) -> list:
+    """The write bound each block's next step would take instead of measuring norms."""
+    _, steps, _, _, _ = opt._gather_blocks()
+    return [s.carried for s in steps]
+
+
+def test_a_carried_write_bound_is_used_only_while_nothing_else_wrote_the_tensors():
+    """After a step the next one may take the bound of what it wrote instead of norms -- not
+    after an in-place edit of a weight or buffer, a load_state_dict, or CARRY_STEPS steps."""
+    model = mlp_net(True).float()
+    opt = GSGD(model, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(11)
+
+    def step(take: bool = True) -> None:
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if take:
+            opt.step()
+
+    step(take=False)
+    assert carried_of(opt) == [None]  # nothing written yet: measure
+    step()
+    assert carried_of(opt)[0] is not None
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # someone else wrote a weight
+    assert carried_of(opt) == [None]
+    step()
+    assert carried_of(opt)[0] is not None
+    with torch.no_grad():
+        opt.state[model[2].weight]["momentum_buffer"].add_(1)  # ... or a buffer
+    assert carried_of(opt) == [None]
+    step()
+    opt.load_state_dict(opt.state_dict())
+    assert carried_of(opt) == [None]
+    for _ in range(GSGD.CARRY_STEPS + 1):
+        step()
+    assert carried_of(opt) == [None]  # measured afresh after CARRY_STEPS steps
+
+
+def test_a_carried_bound_that_cannot_clear_the_step_is_measured_again_first(monkeypatch):
+    """A carried bound too loose to clear the step (here: made infinite) is replaced by the
+    measured norms before the step is checked out of place: the step is taken in place and is
+    the reference step."""
+    checked = []
+    monkeypatch.setattr(fast, "checked_step", lambda *a: checked.append(1))
+    model = mlp_net(True).float()
+    opt = GSGD(model, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(12)
+    for k in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if k:
+            (key, (stamps, carry, age)), = opt._carried.items()
+            opt._carried[key] = (stamps, torch.full_like(carry, float("inf")), age)
+        expected, _ = reference_of(opt, model)
+        opt.step()
+        for name, want in expected.items():
+            if not name.endswith(" buffer"):
+                torch.testing.assert_close(model.get_parameter(name).detach(), want, msg=name)
+    assert not checked and opt.skipped_steps() == [0]

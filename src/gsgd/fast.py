@@ -100,12 +100,15 @@ class BlockStep(NamedTuple):
     """One block's work in a step: its tensors, its group's hyper-parameters, whether this is
     the first momentum step and whether to compile. Unlike the reference (None entries on the
     first step), the fast step writes into existing buffers: with momentum, ``tensors.buffers``
-    are tensors, fresh zeros on the first step (``first=True`` makes buf' = d)."""
+    are tensors, fresh zeros on the first step (``first=True`` makes buf' = d). ``carried``:
+    squared bounds of |w|, |buf|, |b|, |bias buf| from the previous write (``StepOutcome.
+    carried``), valid only if nothing else wrote these tensors since; None: measure them."""
 
     tensors: BlockTensors
     hyper: StepHyper
     first: bool = False
     compile: bool = False
+    carried: torch.Tensor | None = None
 
 
 class PlainStep(NamedTuple):
@@ -124,13 +127,15 @@ class StepOutcome(NamedTuple):
     ``compile_error``: set when a graph failed to compile and its block ran eagerly;
     ``clipped_total``: with ``gated=False``, the changed ratios of all blocks (read with the
     step's one host sync); ``overflow``: the step was refused because the values it would write
-    are not finite (its inputs were)."""
+    are not finite (its inputs were); ``carried``: per block, what its next step may take as
+    ``BlockStep.carried`` if nothing else writes its tensors (None: nothing to carry)."""
 
     taken: bool | torch.Tensor
     clipped: Tensors
     compile_error: str | None = None
     clipped_total: int | None = None
     overflow: bool = False
+    carried: OptTensors | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,11 +150,14 @@ class Plan(NamedTuple):
     layer (inverted once, so the weight-sized pass only multiplies). ``safe``: the
     :func:`write_bound` of the block is far below the dtype's range (the dense pass can be
     written in place without a check of its values); with ``bound_on_host`` it is None and
-    ``magnitudes`` (:func:`block_magnitudes`) is what the host decides it from."""
+    ``magnitudes`` (:func:`block_magnitudes`) is what the host decides it from. ``carry``: the
+    squared bounds of the new w, buf, biases and bias buffers (:data:`CARRIED` entries), which
+    the next step may take instead of their norms (None with ``bound_on_host``)."""
 
     ok: torch.Tensor
     safe: torch.Tensor | None
-    magnitudes: torch.Tensor | None
+    magnitudes: torch.Tensor
+    carry: torch.Tensor | None
     clipped: torch.Tensor
     inv_alphas: Tensors
     inv_betas: Tensors
@@ -211,15 +219,26 @@ def _max(a, b):
     return a if a != a or a >= b else b
 
 
-def write_bound(m: Magnitudes, hp: Hyper, flags: StepFlags, carriers: bool):
+class Bound(NamedTuple):
+    """What :func:`write_bound` bounds: every value computed, the new weights (or biases) and
+    the new buffers (0 without momentum)."""
+
+    top: torch.Tensor | float
+    weights: torch.Tensor | float
+    buffers: torch.Tensor | float
+
+
+def write_bound(m: Magnitudes, hp: Hyper, flags: StepFlags, ratio=None) -> Bound:
     """A bound on |every value| the dense pass computes, by the triangle inequality:
 
         |d|   <= |g| / c * row_scale + wd * c * |w|
         |buf'| <= momentum * |buf| + |1 - dampening| * |d|,  |s| <= |buf'| (+ |d| + momentum |buf'|)
-        |w'|  <= (|w| + lr * |s| / c) / rho,   carriers: |w| * max_ratio / rho,  1 / (c rho)
+        |w'|  <= (|w| + lr * |s| / c) / rho,   carriers: |w| * |R| / rho,  1 / (c rho)
 
-    with the largest 1 / c, c and 1 / rho of :class:`Magnitudes` (docs/math.md section 7).
-    Pure arithmetic: on 0-d tensors (a graph, no host sync) or on floats (the host)."""
+    with the largest 1 / c, c, 1 / rho of :class:`Magnitudes` and (for a block's weights) the
+    largest carrier ratio |R| (docs/math.md section 7); frozen weights keep |w| <= |w| / rho
+    (1 / rho is at least 1). Pure arithmetic: on 0-d tensors (a graph, no host sync) or on
+    floats (the host)."""
     n = _numbers(hp)
     d = m.g * m.inv_c * m.row_scale
     if flags.has_wd:
@@ -228,8 +247,11 @@ def write_bound(m: Magnitudes, hp: Hyper, flags: StepFlags, carriers: bool):
     if m.buf is not None:
         b = n.momentum * m.buf + abs(1 - n.dampening) * d
         s = d + n.momentum * b if flags.nesterov else b
-    top = _max(_max(d, b), _max((m.w + n.lr * s * m.inv_c) * m.inv_rho, m.inv_c * m.inv_rho))
-    return _max(top, m.w * n.max_ratio * m.inv_rho) if carriers else top
+    new_w = (m.w + n.lr * s * m.inv_c) * m.inv_rho
+    if ratio is not None:
+        new_w = _max(new_w, m.w * ratio * m.inv_rho)
+    top = _max(_max(d, b), _max(new_w, m.inv_c * m.inv_rho))
+    return Bound(top, new_w, b if m.buf is not None else 0.0 * d)
 
 
 def _squares(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -260,18 +282,22 @@ def _limit(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max / 64
 
 
-#: the entries of a block's magnitude vector (:func:`block_magnitudes`)
-MAGNITUDES = ("w2", "g2", "buf2", "inv_alpha", "alpha_inv_min", "inv_beta", "beta_inv_min",
-              "inv_beta_bias", "beta_inv_min_bias", "inv_rho", "row_scale",
-              "b2", "gb2", "bb2")
+#: the entries of a block's magnitude vector (:func:`block_magnitudes`); the first four can
+#: be carried over from the bound of the previous write (:data:`CARRIED`)
+MAGNITUDES = ("w2", "buf2", "b2", "bb2", "g2", "gb2", "inv_alpha", "alpha_inv_min", "inv_beta",
+              "beta_inv_min", "inv_beta_bias", "beta_inv_min_bias", "inv_rho", "row_scale",
+              "carrier_buf", "ratio")
+CARRIED = 4
 
 
 def block_magnitudes(t: BlockTensors, inv_alphas: Tensors, inv_betas: Tensors,
-                     inv_rhos: Tensors) -> torch.Tensor:
+                     inv_rhos: Tensors, carrier_bufs: OptTensors, ratios: OptTensors,
+                     carried: torch.Tensor | None = None) -> torch.Tensor:
     """What the write bound of a block needs, as ONE vector (entries named by
-    :data:`MAGNITUDES`): sums of squares of w, g, buf and of the biases, their gradients and
-    buffers (0 where absent), the largest |1/alpha|, |1/beta|, |1/rho|, |row scale| and the
-    smallest |1/alpha|, |1/beta| (1 / the largest alpha, beta)."""
+    :data:`MAGNITUDES`): sums of squares of w, buf, the biases and their buffers (0 where
+    absent; or ``carried``: squared bounds of them from the previous write), of g and of the
+    bias gradients; the largest |1/alpha|, |1/beta|, |1/rho|, |row scale|, |carrier buffer|,
+    |carrier ratio R| and the smallest |1/alpha|, |1/beta| (1 / the largest alpha, beta)."""
     ws = t.weights
     acc = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=acc, device=ws[0].device)
@@ -285,37 +311,50 @@ def block_magnitudes(t: BlockTensors, inv_alphas: Tensors, inv_betas: Tensors,
     bb = _range(bias_heads).to(acc) if bias_heads else torch.stack([zero, zero])
     scales = [r for r in (t.row_scales or []) if r is not None]
     rs = _range(scales)[1].to(acc) if scales else zero + 1
-    return torch.stack([total(ws), total(t.grads), total(t.buffers), a[1], a[0], b[1], b[0],
-                        bb[1], bb[0], torch.clamp(_range(inv_rhos)[1].to(acc), min=1), rs,
-                        total(t.biases), total(t.bias_grads), total(t.bias_buffers)])
+    kept = [c for c in carrier_bufs if c is not None]
+    cb = _range(kept)[1].to(acc) if kept else zero
+    rs_kept = [r for r in ratios if r is not None]
+    top_ratio = _range(rs_kept)[1].to(acc) if rs_kept else zero
+    own = [total(ws), total(t.buffers), total(t.biases), total(t.bias_buffers)] \
+        if carried is None else list(carried.to(acc).unbind())
+    return torch.stack(own + [total(t.grads), total(t.bias_grads), a[1], a[0], b[1], b[0],
+                              bb[1], bb[0], torch.clamp(_range(inv_rhos)[1].to(acc), min=1), rs,
+                              cb, top_ratio])
 
 
 def magnitudes_bound(v, hp: Hyper, flags: StepFlags, has_buf: bool, has_bias: bool):
-    """The write bound of a block from its magnitude vector ``v`` (a tensor, or a list of
-    floats on the host): weights (carriers included) and biases."""
+    """(the write bound of a block, the squared bounds of its new w, buf, biases and bias
+    buffers: what the next step may carry) from its magnitude vector ``v`` (a tensor, or a
+    list of floats on the host)."""
     e = dict(zip(MAGNITUDES, v, strict=True))
-    sqrt = (lambda x: x.sqrt()) if isinstance(e["w2"], torch.Tensor) else (lambda x: x ** 0.5)
-    weights = Magnitudes(sqrt(e["w2"]), sqrt(e["g2"]), sqrt(e["buf2"]) if has_buf else None,
-                         e["inv_alpha"] * e["inv_beta"], 1 / (e["alpha_inv_min"] *
-                                                          e["beta_inv_min"]),
-                         e["inv_rho"], e["row_scale"])
-    top = write_bound(weights, hp, flags, carriers=True)
+    on_device = isinstance(e["w2"], torch.Tensor)
+    sqrt = (lambda x: x.sqrt()) if on_device else (lambda x: x ** 0.5)
+    weights = write_bound(
+        Magnitudes(sqrt(e["w2"]), sqrt(e["g2"]), sqrt(e["buf2"]) if has_buf else None,
+                   e["inv_alpha"] * e["inv_beta"], 1 / (e["alpha_inv_min"] * e["beta_inv_min"]),
+                   e["inv_rho"], e["row_scale"]), hp, flags, e["ratio"])
+    top, new_buf = weights.top, _max(weights.buffers, e["carrier_buf"])
+    new_b = new_bb = 0.0 * e["w2"]
     if has_bias:
-        biases = Magnitudes(sqrt(e["b2"]), sqrt(e["gb2"]), sqrt(e["bb2"]) if has_buf else None,
-                            e["inv_beta_bias"], 1 / e["beta_inv_min_bias"], 1.0, e["row_scale"])
-        top = _max(top, write_bound(biases, hp, flags, carriers=False))
-    return top
+        biases = write_bound(
+            Magnitudes(sqrt(e["b2"]), sqrt(e["gb2"]), sqrt(e["bb2"]) if has_buf else None,
+                       e["inv_beta_bias"], 1 / e["beta_inv_min_bias"], 1.0, e["row_scale"]),
+            hp, flags)
+        top, new_b, new_bb = _max(top, biases.top), biases.weights, biases.buffers
+    carry = [x * x for x in (weights.weights, new_buf, new_b, new_bb)]
+    return top, (torch.stack(torch.broadcast_tensors(*carry)) if on_device else carry)
 
 
 def block_bound(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags) -> torch.Tensor:
     """A bound on |every value| the dense pass of a block computes (on the device)."""
-    v = block_magnitudes(t, plan.inv_alphas, plan.inv_betas, plan.inv_rhos)
+    v = block_magnitudes(t, plan.inv_alphas, plan.inv_betas, plan.inv_rhos, plan.carrier_bufs,
+                         plan.ratios)
     return magnitudes_bound(v, hp, flags, t.buffers is not None,
-                            any(b is not None for b in t.biases))
+                            any(b is not None for b in t.biases))[0]
 
 
 def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None = None,
-               bound_on_host: bool = False) -> Plan:
+               bound_on_host: bool = False, carried: torch.Tensor | None = None) -> Plan:
     """Phase A of one block (reads only), with the reference's recursions:
 
         alpha, beta = route_products(w)                  Z = carrier_potentials(sums, x_kappa)
@@ -374,15 +413,14 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None =
     clipped = torch.cat(changed).sum() if changed else \
         torch.zeros((), dtype=torch.long, device=ws[0].device)
     inv_alphas, inv_betas = [a.reciprocal() for a in alphas], [b.reciprocal() for b in betas]
-    mags = block_magnitudes(t, inv_alphas, inv_betas, inv_rhos)
-    kept = [b for b in carrier_bufs if b is not None]
-    if kept:  # the carriers' buffers (O(H), computed here) must be finite: a NaN magnitude
-        mags = torch.where(torch.isfinite(torch.cat(kept)).all(), mags, torch.nan)
-    safe = None
+    mags = block_magnitudes(t, inv_alphas, inv_betas, inv_rhos, carrier_bufs, ratios, carried)
+    safe = carry = None
     if not bound_on_host:
-        safe = magnitudes_bound(mags, hp, flags, t.buffers is not None,
-                                any(b is not None for b in t.biases)) < _limit(ws[0].dtype)
-    return Plan(ok, safe, mags, clipped, inv_alphas, inv_betas, inv_rhos, ratios, carrier_bufs)
+        top, carry = magnitudes_bound(mags, hp, flags, t.buffers is not None,
+                                      any(b is not None for b in t.biases))
+        safe = top < _limit(ws[0].dtype)
+    return Plan(ok, safe, mags, carry, clipped, inv_alphas, inv_betas, inv_rhos, ratios,
+                carrier_bufs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,21 +598,30 @@ def _per_tap(v: torch.Tensor, taps: int) -> torch.Tensor:
 # The whole step as one function (the one-graph compiled form)
 # --------------------------------------------------------------------------------------------
 
-def fused_step(blocks: list[tuple[BlockTensors, Hyper, StepFlags]], plain_grads: Tensors,
-               gate: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+def fused_step(blocks: list[tuple[BlockTensors, Hyper, StepFlags, torch.Tensor | None]],
+               plain_grads: Tensors, gate: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, Tensors, Tensors]:
     """Plans every block; ``ok`` = every plan ok, every plain gradient finite; ``safe`` =
     every plan safe; then the dense passes of all blocks, which change nothing unless ``ok``,
     ``safe`` and ``gate`` (everything outside the graph is ok and safe).
-    Returns (ok, safe, clip counts)."""
-    plans = [block_plan(t, hp, flags) for t, hp, flags in blocks]
+    Returns (ok, safe, clip counts, what each block carries to the next step)."""
+    plans = [block_plan(t, hp, flags, carried=c) for t, hp, flags, c in blocks]
     ok = torch.stack([plan.ok for plan in plans]
                      + [torch.isfinite(g.sum()) for g in plain_grads]).all()
     safe = torch.stack([plan.safe for plan in plans]).all()
     write = ok & safe if gate is None else ok & safe & gate
-    for (t, hp, flags), plan in zip(blocks, plans, strict=True):
+    for (t, hp, flags, _), plan in zip(blocks, plans, strict=True):
         block_apply_masked(t, plan, hp, flags, write)
-    return ok, safe, [plan.clipped for plan in plans]
+    return ok, safe, [plan.clipped for plan in plans], \
+        [_carry(plan, write) for plan in plans]
+
+
+def _carry(plan: Plan, written: torch.Tensor | None = None) -> torch.Tensor:
+    """What a block carries to the next step: the bounds of what was written, or, where the
+    step was not (``written`` false), the magnitudes of the unchanged tensors."""
+    if written is None:
+        return plan.carry
+    return torch.where(written, plan.carry, plan.magnitudes[:CARRIED])
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,6 +669,8 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     (the caller retries with ``compile=False``); if an apply graph fails after other blocks were
     written, that block is applied by the same function eagerly and the outcome says so.
     """
+    if gated:  # no host to retry with fresh norms if a carried bound were too loose
+        blocks = [b._replace(carried=None) for b in blocks]
     hypers = [_hyper(b) for b in blocks]
     to_compile = [i for i, b in enumerate(blocks) if b.compile]
     one_graph = bool(to_compile) and \
@@ -634,9 +683,11 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     plans: dict[int, Plan] = {}
     for i in planned:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
-        plans[i] = compiled(block_plan)(t, hp, flags) if blocks[i].compile \
-            else block_plan(t, hp, flags, work, bound_on_host=i in on_host)
+        c = blocks[i].carried
+        plans[i] = compiled(block_plan)(t, hp, flags, None, False, c) if blocks[i].compile \
+            else block_plan(t, hp, flags, work, i in on_host, c)
     clipped: dict[int, torch.Tensor] = {i: plans[i].clipped for i in planned}
+    carries: dict[int, torch.Tensor] = {}
     oks = [plans[i].ok for i in planned]
     safes = [plans[i].safe for i in planned if i not in on_host]
     plain_mags = [plain_magnitudes(p) for p in plain]
@@ -646,9 +697,11 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     plain_grads = [g for p in plain for g in p.grads]
     if one_graph:  # plans, checks and writes (gated on everything being ok) of the compiled blocks
         gate = torch.stack(oks + safes).all() if oks or safes else None
-        args = [(blocks[i].tensors, *hypers[i]) for i in to_compile]
-        ok_graph, safe_graph, counts = compiled(fused_step, 1)(args, plain_grads, gate)
+        args = [(blocks[i].tensors, *hypers[i], blocks[i].carried) for i in to_compile]
+        ok_graph, safe_graph, counts, graph_carries = compiled(fused_step, 1)(args, plain_grads,
+                                                                               gate)
         clipped.update(zip(to_compile, counts, strict=True))
+        carries.update(zip(to_compile, graph_carries, strict=True))
         oks.append(ok_graph)
         safes.append(safe_graph)
     else:
@@ -665,21 +718,33 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
         taken, bounded = bool(values[0]), bool(values[1])
         counts_now = values[2:2 + len(clipped)]
         rest = values[2 + len(clipped):]
+        host_carries = {}
         for i in on_host:
             v, rest = rest[:len(MAGNITUDES)], rest[len(MAGNITUDES):]
             t, (hp, flags) = blocks[i].tensors, hypers[i]
-            bound = magnitudes_bound(v, hp, flags, t.buffers is not None,
-                                     any(b is not None for b in t.biases))
+            bound, host_carries[i] = magnitudes_bound(v, hp, flags, t.buffers is not None,
+                                                      any(b is not None for b in t.biases))
             bounded = bounded and _host_safe(bound, v, t.weights[0].dtype)
         for p in plain if host else []:
             v, rest = rest[:3], rest[3:]
             bounded = bounded and _host_safe(plain_bound(v, p), v, p.params[0].dtype)
         if not taken:
             return StepOutcome(False, [])
+        if not bounded and any(b.carried is not None for b in blocks):
+            # nothing was written: measure the norms instead of the carried bounds, and decide
+            # again
+            return fast_step([b._replace(carried=None) for b in blocks], plain, gated=False,
+                             work=work)
         if not bounded:  # nothing was written: compute out of place, check, then write
             return checked_step(blocks, hypers, plain)
         total = int(sum(counts_now))
+        for i, carry in host_carries.items():
+            mags = plans[i].magnitudes
+            carries[i] = torch.tensor(carry, dtype=mags.dtype, device=mags.device)
     gate = ok & safe if gated else None
+    for i in planned:
+        if i not in on_host:
+            carries[i] = _carry(plans[i], gate)
     compile_error = None
     for i in planned:
         t, (hp, flags) = blocks[i].tensors, hypers[i]
@@ -698,7 +763,8 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     counts = [clipped[i] for i in range(len(blocks))]
     if gated:
         counts = [c * gate for c in counts]
-    return StepOutcome(gate if gated else True, counts, compile_error, total)
+    return StepOutcome(gate if gated else True, counts, compile_error, total,
+                       carried=[carries.get(i) for i in range(len(blocks))])
 
 
 def _device(blocks: Sequence[BlockStep], plain: Sequence[PlainStep]) -> torch.device:
@@ -726,7 +792,7 @@ def checked_step(blocks: Sequence[BlockStep], hypers: list[tuple[Hyper, StepFlag
         _write_plain(p, params, bufs)
     counts = [plan.clipped for plan in plans]
     total = int(torch.stack(counts).sum()) if counts else 0
-    return StepOutcome(True, counts, None, total)
+    return StepOutcome(True, counts, None, total, carried=[None] * len(blocks))
 
 
 def plain_magnitudes(p: PlainStep) -> torch.Tensor:
@@ -745,8 +811,7 @@ def plain_bound(v, p: PlainStep):
     m = Magnitudes(sqrt(v[0]), sqrt(v[1]), sqrt(v[2]) if h.momentum else None, 1.0, 1.0, 1.0,
                    1.0)
     hp = Numbers(float(h.lr), float(h.momentum), float(h.dampening), float(h.weight_decay), 1.0)
-    return write_bound(m, hp, StepFlags(bool(h.nesterov), bool(h.weight_decay)),
-                       carriers=False)
+    return write_bound(m, hp, StepFlags(bool(h.nesterov), bool(h.weight_decay))).top
 
 
 def _host_safe(bound: float, magnitudes: Sequence[float], dtype: torch.dtype) -> bool:

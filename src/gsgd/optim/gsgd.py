@@ -177,6 +177,7 @@ class GSGD(GBlockOptimizer):
 
     def _bound(self, bound: list) -> None:
         self.__dict__.pop("_parts", None)
+        self.__dict__.pop("_carried", None)
         if "_blocks" in self.__dict__:
             self._flush()  # the pending counters are per block of the old binding
         self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
@@ -231,6 +232,7 @@ class GSGD(GBlockOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._reset_pending()
+        self.__dict__.pop("_carried", None)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -241,7 +243,7 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        owners, steps, fresh, copies = self._gather_blocks()
+        owners, steps, fresh, copies, keys = self._gather_blocks()
         gated = self._gated(steps)
         plain_params, plain = self._gather_plain(fresh, gated)
         if not steps and not plain:
@@ -255,6 +257,7 @@ class GSGD(GBlockOptimizer):
             outcome = fast_step(steps, plain, gated=gated, work=work)
         for p, copy in copies:  # channels_last weights: the step wrote a contiguous copy
             p.detach().copy_(copy)
+        self._keep_carried(keys, steps, outcome.carried)
         if outcome.compile_error is not None:
             self._compile_failed(outcome.compile_error)
         self._record(outcome, gated, owners, fresh)
@@ -327,6 +330,7 @@ class GSGD(GBlockOptimizer):
         steps: list[BlockStep] = []
         fresh: list[nn.Parameter] = []
         copies: list[tuple[nn.Parameter, torch.Tensor]] = []
+        keys: list[tuple[int, int, int]] = []
         for k, bp in enumerate(self._blocks):
             active = [id(w) in self._held and w.grad is not None
                       and (b is None or (id(b) in self._held and b.grad is not None))
@@ -334,8 +338,44 @@ class GSGD(GBlockOptimizer):
             for start, stop in _runs(active):
                 part = bp if (start, stop) == (0, len(active)) else self._part(k, start, stop)
                 owners.append(k)
-                steps.append(self._block_step(part, fresh, copies))
-        return owners, steps, fresh, copies
+                keys.append((k, start, stop))
+                carried = self._carried_for(keys[-1], part)
+                steps.append(self._block_step(part, fresh, copies)._replace(carried=carried))
+        return owners, steps, fresh, copies, keys
+
+    #: a carried write bound is measured afresh after this many steps
+    CARRY_STEPS = 64
+
+    def _stamps(self, bp: _Bound) -> tuple:
+        """(version, address) of every tensor of a block's step: equal stamps mean nothing has
+        written them through autograd-visible in-place ops, ``copy_``, ``load_state_dict`` or
+        ``.to()`` since (``.data`` writes are not seen; hence :data:`CARRY_STEPS`)."""
+        ts = [p for p in (*bp.weights, *bp.biases) if p is not None]
+        ts += [self.state[p]["momentum_buffer"] for p in list(ts)
+               if "momentum_buffer" in self.state[p]]
+        return tuple((t._version, t.data_ptr()) for t in ts)
+
+    def _carried_for(self, key: tuple, bp: _Bound) -> torch.Tensor | None:
+        """The write bound the last step left for this block, if its tensors are unchanged."""
+        entry = self.__dict__.get("_carried", {}).get(key)
+        if entry is None or entry[2] >= self.CARRY_STEPS or entry[0] != self._stamps(bp):
+            return None
+        return entry[1]
+
+    def _keep_carried(self, keys: list[tuple], steps: list[BlockStep],
+                      carried: list[torch.Tensor | None] | None) -> None:
+        """Remember what each block's step left for the next one (with the stamps after it)."""
+        if carried is None:  # nothing written: what was kept is still valid
+            return
+        kept = self.__dict__.setdefault("_carried", {})
+        for key, step, carry in zip(keys, steps, carried, strict=True):
+            if carry is None:
+                kept.pop(key, None)
+                continue
+            age = 0 if step.carried is None else kept[key][2] + 1
+            bp = self._blocks[key[0]] if key[1:] == (0, len(self._blocks[key[0]].weights)) \
+                else self._part(*key)
+            kept[key] = (self._stamps(bp), carry, age)
 
     def _part(self, k: int, start: int, stop: int) -> _Bound:
         """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
