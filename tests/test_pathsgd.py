@@ -271,3 +271,68 @@ def test_invalid_arguments_are_named():
         PathSGD([{"params": [net[0].weight]},
                  {"params": [p for n, p in net.named_parameters() if n != "0.weight"]}],
                 lr=0.1, model=net)
+
+
+def reference_pathsgd_step(net: nn.Module, structure, group: dict, state: dict) -> dict:
+    """What one Path-SGD step makes of every block parameter, written plainly: the direction
+    (path_sgd_direction) and heavy-ball momentum in torch SGD's convention, fresh tensors;
+    ``state`` maps names to buffers (updated). Parameters whose grad is None are unchanged."""
+    named = dict(net.named_parameters())
+    new = {}
+    sign = -1.0 if group["maximize"] else 1.0
+    for block in structure.blocks:
+        ws = [layer_view(named[la.weight].detach(), la) for la in block.layers]
+        bs = [named[la.bias].detach() if la.bias else None for la in block.layers]
+        gs = [torch.zeros_like(w) if named[la.weight].grad is None
+              else sign * layer_view(named[la.weight].grad, la)
+              for w, la in zip(ws, block.layers, strict=True)]
+        gbs = [None if not la.bias else (torch.zeros_like(named[la.bias])
+                                         if named[la.bias].grad is None
+                                         else sign * named[la.bias].grad)
+               for la in block.layers]
+        dws, dbs = path_sgd_direction(ws, bs, gs, gbs, group["weight_decay"])
+        for la, dw, db in zip(block.layers, dws, dbs, strict=True):
+            for name, d in ((la.weight, dw), (la.bias, db)):
+                if not name or named[name].grad is None:
+                    continue
+                d = d.reshape(named[name].shape)
+                if group["momentum"]:
+                    buf = state.get(name)
+                    buf = d.clone() if buf is None else \
+                        group["momentum"] * buf + (1 - group["dampening"]) * d
+                    state[name] = buf
+                    d = d + group["momentum"] * buf if group["nesterov"] else buf
+                new[name] = named[name].detach() - group["lr"] * d
+    return new
+
+
+@pytest.mark.parametrize("hyper", HYPER + [dict(lr=0.01, momentum=0.9, weight_decay=1e-2,
+                                                maximize=True)],
+                         ids=HYPER_IDS + ["maximize-wd"])
+@pytest.mark.parametrize("net_name", list(NETS))
+def test_the_in_place_step_takes_the_plain_path_sgd_step(net_name, hyper):
+    """The optimizer's in-place step (no weight-sized temporaries) equals the plainly written
+    step, 10 steps, weights, biases and buffers; a frozen layer (grad None) is not touched."""
+    net = NETS[net_name]()
+    structure = discover(net, strict=True)
+    opt = PathSGD(net, **hyper)
+    group = opt.param_groups[0]
+    named = dict(net.named_parameters())
+    frozen = structure.blocks[0].layers[1].weight
+    state: dict = {}
+    for k, (x, y) in enumerate(batches(net_name, n=10)):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        if k >= 5:
+            named[frozen].grad = None  # frozen from step 5 on
+        before = named[frozen].detach().clone()
+        expected = reference_pathsgd_step(net, structure, group, state)
+        opt.step()
+        for name, want in expected.items():
+            torch.testing.assert_close(named[name].detach(), want, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, n=name, k=k: f"step {k}, {n}: {m}")
+            if group["momentum"]:
+                torch.testing.assert_close(opt.state[named[name]]["momentum_buffer"],
+                                           state[name], rtol=1e-12, atol=1e-14)
+        if k >= 5:
+            assert torch.equal(named[frozen].detach(), before)

@@ -47,9 +47,21 @@ def check_hyper_parameters(owner: str, hp: dict) -> None:
     if "max_ratio" in hp and not (isinstance(hp["max_ratio"], float | int)
                                   and 1 < hp["max_ratio"] < math.inf):
         raise bad("max_ratio", "must be a number > 1 (the carrier ratios keep |R| in [1/B, B])")
-    for name in ("compile", "maximize"):
+    for name in ("compile", "maximize", "amsgrad", "decoupled_weight_decay", "decay_carriers"):
         if name in hp and not isinstance(hp[name], bool):
             raise bad(name, "must be True or False")
+    if "betas" in hp and not (isinstance(hp["betas"], tuple | list) and len(hp["betas"]) == 2
+                              and all(isinstance(b, float | int) and 0 <= b < 1
+                                      for b in hp["betas"])):
+        raise bad("betas", "must be two numbers in [0, 1)")
+    if "eps" in hp and not (isinstance(hp["eps"], float | int) and hp["eps"] >= 0
+                            and math.isfinite(hp["eps"])):
+        raise bad("eps", "must be a finite number >= 0")
+    if "bp_norm" in hp and not (isinstance(hp["bp_norm"], tuple | list)
+                                and len(hp["bp_norm"]) == 2
+                                and all(isinstance(x, float | int) and x >= 0 and math.isfinite(x)
+                                        for x in hp["bp_norm"])):
+        raise bad("bp_norm", "must be two finite numbers >= 0 (lam_pos, lam_neg)")
     if "on_nonfinite" in hp and hp["on_nonfinite"] not in ON_NONFINITE:
         raise bad("on_nonfinite", f"supported values are {ON_NONFINITE}")
 
@@ -186,6 +198,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
 
     structure: Structure
     plain_parameters: tuple[str, ...]
+    #: the torch optimizer the parameters outside every G-block get (for messages)
+    _plain_optimizer = "SGD"
     #: may a G-block have frozen layers (parameters with requires_grad=False, not given)?
     _frozen_ok = False
     #: does the step take weights of any memory layout (channels_last)?
@@ -216,7 +230,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
                 f", ... ({len(self.plain_parameters)} in all)"
                 if len(self.plain_parameters) > 8 else "")
             why = "; ".join(structure.notes) or "they are in no chain of >= 2 layers"
-            warnings.warn(f"{owner}: parameters outside every G-block get plain SGD: {shown} "
+            warnings.warn(f"{owner}: parameters outside every G-block get plain "
+                          f"{self._plain_optimizer}: {shown} "
                           f"(why: {why}); see opt.summary()", PlainParametersWarning,
                           stacklevel=3)
         if not bound:
@@ -224,7 +239,8 @@ class GBlockOptimizer(torch.optim.Optimizer):
             raise StructureError(
                 f"{owner}: found no G-block (positively scalable chain of >= 2 Linear/Conv2d "
                 f"layers) among the given parameters of {type(model).__name__} ({why}); "
-                "use torch.optim.SGD for such a model, or pass structure= with explicit blocks"
+                f"use torch.optim.{self._plain_optimizer} for such a model, or pass "
+                "structure= with explicit blocks"
             )
         return bound
 
@@ -246,6 +262,15 @@ class GBlockOptimizer(torch.optim.Optimizer):
     def _bound(self, bound: list) -> None:
         """What a subclass keeps of the bound blocks (called on every (re)binding)."""
         self._blocks = bound
+
+    def _work(self, rows: int, cols: int, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A reusable (rows, cols) work matrix of ``like``'s dtype and device: kept across
+        steps, not state (``slot``: several live matrices of one shape)."""
+        pool = self.__dict__.setdefault("_work_pool", {})
+        key = (rows, cols, like.dtype, like.device, slot)
+        if key not in pool:
+            pool[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+        return pool[key]
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the new parameters are bound: G-SGD where they make

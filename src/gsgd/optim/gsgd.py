@@ -474,15 +474,6 @@ class GSGD(GBlockOptimizer):
                                                     memory_format=torch.contiguous_format)
         return buf
 
-    def _work(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        """A reusable (rows, cols) work matrix of ``like``'s dtype and device: kept across
-        steps, not state."""
-        pool = self.__dict__.setdefault("_work_pool", {})
-        key = (rows, cols, like.dtype, like.device)
-        if key not in pool:
-            pool[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
-        return pool[key]
-
     # ------------------------------------------------------------------ refusal
     def _refuse(self, overflow: bool = False) -> None:
         """The step was refused and nothing written: raise naming the first problem in a group

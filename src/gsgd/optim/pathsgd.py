@@ -58,6 +58,7 @@ __all__ = [
     "path_potentials",
     "path_scales",
     "path_sgd_direction",
+    "path_sgd_update_",
 ]
 
 
@@ -65,14 +66,17 @@ __all__ = [
 # Pure maths on (out, in, taps) weight views
 # ------------------------------------------------------------------------------------------------
 
-def path_potentials(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+def path_potentials(weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                    work: list[torch.Tensor] | None = None
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A and B of every node layer 0..n of a chain of ``(out, in, taps)`` weights.
 
     A(l) sums, over paths from the inputs and bias nodes to node layer l, the product of squared
     weights (A = 1 at inputs and bias nodes); B(l) does the same over paths from l to the outputs.
+    ``work``: one reusable tensor shaped like each weight for the squares (else fresh ones).
     """
-    squares = [_tap_sum(w.square()) for w in weights]  # (out, in): parallel taps summed
+    squares = [_tap_sum(w.square() if work is None else torch.mul(w, w, out=out))
+               for w, out in zip(weights, work or [None] * len(weights), strict=True)]
     a = [weights[0].new_ones(weights[0].shape[1])]
     for s, b in zip(squares, biases, strict=True):
         nxt = s @ a[-1]
@@ -133,9 +137,31 @@ def path_sgd_direction(weights: list[torch.Tensor], biases: list[torch.Tensor | 
     return dws, dbs
 
 
-# ------------------------------------------------------------------------------------------------
-# Binding a Structure's blocks to an optimizer's parameters
-# ------------------------------------------------------------------------------------------------
+def path_sgd_update_(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None,
+                     inv_a: torch.Tensor, inv_b: torch.Tensor, lr: float, momentum: float,
+                     dampening: float, weight_decay: float, sign: float = 1.0,
+                     scratch: torch.Tensor | None = None) -> None:
+    """One Path-SGD step of an ``(out, in, taps)`` weight, in place and without weight-sized
+    temporaries (:func:`path_sgd_direction` and heavy-ball momentum, not nesterov):
+
+        d = sign * g / gamma + wd * w,  1 / gamma = outer(1 / B(head), 1 / A(tail))
+        buf = momentum * buf + (1 - dampening) * d          (a zero ``buf``, dampening 0: buf = d)
+        w  -= lr * buf                                        (no momentum: w -= lr * d)
+
+    ``scratch``: a reusable ``(out, in)`` matrix for 1 / gamma (work, not state).
+    """
+    inv = (torch.outer(inv_b, inv_a) if scratch is None
+           else torch.outer(inv_b, inv_a, out=scratch))[:, :, None]
+    if buf is None:
+        if weight_decay:
+            w.mul_(1 - lr * weight_decay)
+        w.addcmul_(g, inv, value=-lr * sign)
+        return
+    buf.mul_(momentum).addcmul_(g, inv, value=(1 - dampening) * sign)
+    if weight_decay:
+        buf.add_(w, alpha=weight_decay * (1 - dampening))
+    w.add_(buf, alpha=-lr)
+
 
 # ------------------------------------------------------------------------------------------------
 # The optimizer
@@ -205,22 +231,49 @@ class PathSGD(GBlockOptimizer):
 
     def _update_block(self, block: Block, weights: list[nn.Parameter],
                       biases: list[nn.Parameter | None], group: dict) -> None:
+        """Path-SGD on one block. A parameter whose grad is None is not touched (gamma still
+        reads its weights). Weights take :func:`path_sgd_update_` (in place) unless nesterov;
+        biases and nesterov the plain form (:func:`path_sgd_direction`)."""
         params = [p for p in weights + biases if p is not None]
         if all(p.grad is None for p in params):
             return
         self._refuse_sparse(params)
         ws = [layer_view(w, layer) for w, layer in zip(weights, block.layers, strict=True)]
-        gs = [torch.zeros_like(v) if w.grad is None else layer_view(w.grad, layer)
-              for w, v, layer in zip(weights, ws, block.layers, strict=True)]
-        gbs = [None if b is None else (torch.zeros_like(b) if b.grad is None else b.grad)
-               for b in biases]
-        if group["maximize"]:  # the step of -L, as torch.optim.SGD
-            gs = [-g for g in gs]
-            gbs = [None if g is None else -g for g in gbs]
-        dws, dbs = path_sgd_direction(ws, biases, gs, gbs, group["weight_decay"])
-        for p, d in zip(weights + biases, dws + dbs, strict=True):
-            if p is None:
+        work = [self._work(v.shape[0], v.shape[1] * v.shape[2], v, slot=l).view(v.shape)
+                for l, v in enumerate(ws)]
+        a, b = path_potentials(ws, biases, work)
+        inv_a, inv_b = [_inverse(x) for x in a], [_inverse(x) for x in b]
+        lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], \
+            group["weight_decay"]
+        sign = -1.0 if group["maximize"] else 1.0  # the step of -L, as torch.optim.SGD
+        for l, (w, v) in enumerate(zip(weights, ws, strict=True)):
+            if w.grad is None:
                 continue
-            s = momentum_direction(self.state[p], d.view(p.shape), group["momentum"],
-                                   group["dampening"], group["nesterov"])
-            p.add_(s, alpha=-group["lr"])
+            g = layer_view(w.grad, block.layers[l])
+            if mu and group["nesterov"]:
+                d = sign * g * torch.outer(inv_b[l + 1], inv_a[l])[:, :, None]
+                if wd:
+                    d = d + wd * v
+                s = momentum_direction(self.state[w], d.view(w.shape), mu, damp, True)
+                w.add_(s, alpha=-lr)
+                continue
+            buf = None
+            first = False
+            if mu:
+                state = self.state[w]
+                first = "momentum_buffer" not in state
+                if first:
+                    state["momentum_buffer"] = torch.zeros_like(w,
+                                                                memory_format=torch.preserve_format)
+                buf = layer_view(state["momentum_buffer"], block.layers[l])
+            scratch = work[l].view(-1)[:v.shape[0] * v.shape[1]].view(v.shape[0], v.shape[1])
+            path_sgd_update_(v, g, buf, inv_a[l], inv_b[l + 1], lr, mu, 0.0 if first else damp,
+                             wd, sign, scratch)
+        for l, bias in enumerate(biases):
+            if bias is None or bias.grad is None:
+                continue
+            d = sign * bias.grad * inv_b[l + 1]
+            if wd:
+                d = d + wd * bias
+            s = momentum_direction(self.state[bias], d, mu, damp, bool(group["nesterov"]))
+            bias.add_(s, alpha=-lr)
