@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo compare bench clean
+.PHONY: setup test lint demo compare bench bench-epoch clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py
+
+bench-epoch: $(STAMP)
+	$(BIN)/python benchmarks/epoch_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
