@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,9 +24,11 @@ from gsgd.experiments.config import (
     SCHEDULES,
     Config,
     ConfigError,
+    check_name,
     config_from_dict,
     load_config,
 )
+from gsgd.experiments.files import DirectoryBusy, ForeignDirectoryError
 from gsgd.experiments.optimizers import OPTIMIZERS
 
 __all__ = ["build_parser", "demo_config", "main"]
@@ -86,7 +89,8 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> N
                    help="'synthetic': random data of the dataset's shape (clearly labelled)")
     p.add_argument("--dry-run", action="store_true",
                    help="1 epoch, 3 batches of <= 8, first seed, 32 examples per evaluation, into "
-                        "<out>/dry-run/ (synthetic data if the dataset is not available)")
+                        "<out>/dry-run/<name> (cleared by the next dry run; synthetic data if "
+                        "the dataset is not available)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue interrupted runs and skip finished ones (default); "
                         "--no-resume starts them over")
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("compare", help="ad-hoc comparison without a config file")
-    p.add_argument("--name", help="experiment name (default: compare-<dataset>-<model>)")
+    p.add_argument("--name", help="experiment name, the results directory under --out: letters,"
+                                  " digits and -_. (default: compare-<dataset>-<model>)")
     p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
     p.add_argument("--data-root", default="")
     p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
@@ -213,14 +218,15 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
     return config
 
 
-def _out_dir(args: argparse.Namespace, config: Config) -> Path:
+def _out_dir(args: argparse.Namespace, config: Config, suffix: str = "") -> Path:
+    """``--out``; for a dry run ``<out>/dry-run``, after clearing the directory the command
+    writes (``<name><suffix>``) if an earlier dry run made it (anything else is refused)."""
     out = Path(args.out)
     if getattr(args, "dry_run", False):
         from gsgd.experiments.runner import clear_dir
 
         out = out / "dry-run"
-        clear_dir(out / config.experiment.name)
-        clear_dir(out / f"{config.experiment.name}-sweep")
+        clear_dir(out / f"{config.experiment.name}{suffix}")
     return out
 
 
@@ -251,7 +257,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from gsgd.experiments.sweep import run_sweep
 
     config = _override(load_config(args.config), args)
-    out = _out_dir(args, config)
+    out = _out_dir(args, config, "-sweep")
     result = run_sweep(config, out, _options(args))
     print(result.report.read_text().rstrip())
     print(f"\nSweep report: {result.report}")
@@ -298,6 +304,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if len(set(labels)) != len(labels):
         raise ConfigError("--optimizers: name each optimizer once (use a config file to compare "
                           "several settings of one optimizer)")
+    if args.name is not None:
+        check_name(args.name, "--name")
     config = _compare_config(args)
     args.seeds = args.epochs = None  # already applied
     return _cmd_run(args, config)
@@ -363,18 +371,37 @@ _COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "compare": _cmd_compare,
              "report": _cmd_report, "summary": _cmd_summary, "demo": _cmd_demo}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that it stops the runs like Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gsgd`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        before, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        before, installed = None, False
+    try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ForeignDirectoryError) as exc:
         print(f"gsgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the last checkpoint",
+    except DirectoryBusy as exc:
+        print(f"gsgd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"\n{what}: rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

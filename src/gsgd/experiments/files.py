@@ -1,20 +1,51 @@
-"""Crash-safe file writes of the experiment runner, sweeps and reports.
+"""Crash-safe file writes of the experiment runner, sweeps and reports, and directory locks.
 
-A file is written whole into a temp file next to it, flushed, fsync'ed and moved into place
-with ``os.replace``, so a reader (or a resumed run) sees either the old or the new file, never
-a part. Metrics lines are appended and fsync'ed one by one.
+A file is written whole into a temp file next to it (``.<name>.tmp<PID>``), flushed, fsync'ed
+and moved into place with ``os.replace``, so a reader (or a resumed run) sees either the old or
+the new file, never a part. Metrics lines are appended and fsync'ed one by one. A temp file
+whose writer was killed is removed by :func:`remove_stale_temp_files` at the next start.
+
+:func:`hold_lock` takes an OS file lock (``flock``) on ``<dir>/.gsgd.lock`` for the life of a
+block: one writer per run directory. The OS drops the lock when its process dies, so a killed
+run never blocks the next one.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["append_json_line", "atomic_open", "atomic_write_text"]
+from gsgd._process import stale_entries
+
+__all__ = [
+    "LOCK_NAME",
+    "TEMP_NAME",
+    "DirectoryBusy",
+    "ForeignDirectoryError",
+    "append_json_line",
+    "atomic_open",
+    "atomic_write_text",
+    "hold_lock",
+    "remove_stale_temp_files",
+]
+
+LOCK_NAME = ".gsgd.lock"
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>[0-9]{1,10})")  # atomic_open's temp files
+
+
+class DirectoryBusy(RuntimeError):
+    """Another live process holds the lock of a run or experiment directory."""
+
+
+class ForeignDirectoryError(RuntimeError):
+    """A directory the runner would write into, or clear, is not one it made."""
 
 
 @contextmanager
@@ -44,3 +75,69 @@ def append_json_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Remove the ``.<name>.tmp<PID>`` files of :func:`atomic_open` in ``directory`` whose PID is
+    not alive (a killed writer's); other files, directories and links are kept. Returns them."""
+    removed = []
+    for path in stale_entries(directory, TEMP_NAME):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+@contextmanager
+def hold_lock(directory: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an exclusive (or ``shared``) ``flock`` on ``directory/.gsgd.lock`` for the block.
+
+    Fails at once with :class:`DirectoryBusy`, naming the directory, when a live process holds a
+    conflicting lock. An exclusive holder writes its PID into the file (for that message).
+    """
+    directory = Path(directory)
+    path = directory / LOCK_NAME
+    for attempt in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            if not attempt:
+                raise
+            raise DirectoryBusy(f"{directory} was removed by another process while this one "
+                                "was locking it; run again") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise DirectoryBusy(
+                f"{directory} is in use by another gsgd process{holder}: wait for it to "
+                "finish (a rerun then resumes or skips its runs), or use another --out"
+            ) from None
+        try:  # the file may have been removed (a dry run's clear) between open and flock
+            st, held = os.stat(path), os.fstat(fd)
+            same = (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise DirectoryBusy(f"{directory}: could not lock {path} (it keeps being replaced)")
+    try:
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -9,7 +9,15 @@ One run = (config, optimizer spec, seed), stored in ``<exp_dir>/<label>/seed<k>/
 * ``checkpoint.pt`` model, optimizer and RNG states, epoch, batch index, loss so far and the
   metrics history, written atomically (temp file + ``os.replace``) at every epoch end and every
   ``checkpoint_every`` batches;
-* ``final.json``    the run's summary; a run with it is skipped when the experiment is rerun.
+* ``final.json``    the run's summary; a run with it is skipped when the experiment is rerun;
+* ``.gsgd.lock``    an OS file lock held while the run trains: one writer per run directory (a
+  second process fails at once, naming the directory; a dead process's lock is gone with it).
+
+Experiment directories ``<out>/<name>`` hold a shared lock while runs train in them; a dry run
+marks the directory it creates (``.gsgd-dry-run``) and :func:`clear_dir` removes only marked
+directories. Temp files of killed writers (``.<file>.tmp<PID>`` of a dead PID) are removed at the
+next start. With ``jobs > 1`` the worker processes exit when the parent dies, and an interrupt
+or a failed run cancels the queued runs and ends the workers (a rerun resumes them).
 
 Determinism: the model is built from the seed (PyTorch default init), the batch order is drawn
 from a ``torch.Generator`` seeded with the seed, and the generator state at the start of the
@@ -25,6 +33,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,10 +47,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from gsgd._process import die_with_parent
 from gsgd.data import DatasetSplits, iterate_batches, num_batches
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
-from gsgd.experiments.files import append_json_line, atomic_open, atomic_write_text
+from gsgd.experiments.files import (
+    DirectoryBusy,
+    ForeignDirectoryError,
+    append_json_line,
+    atomic_open,
+    atomic_write_text,
+    hold_lock,
+    remove_stale_temp_files,
+)
 from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.optimizers import build_optimizer
 from gsgd.experiments.report import write_group_report, write_report
@@ -48,9 +67,14 @@ from gsgd.group import random_rescale, skeleton_init
 from gsgd.optim.common import NonFiniteError, PlainParametersWarning
 
 __all__ = [
+    "DRY_RUN_MARKER",
+    "DirectoryBusy",
+    "ForeignDirectoryError",
     "RunInterrupted",
     "RunOptions",
+    "clear_dir",
     "evaluate",
+    "experiment_dir",
     "experiment_dirs",
     "prepare_model",
     "resolve_device",
@@ -61,6 +85,8 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+DRY_RUN_MARKER = ".gsgd-dry-run"  # written into the experiment directory a dry run creates
+_RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "final.json")  # written after spec.json
 
 
 class RunInterrupted(RuntimeError):
@@ -82,6 +108,7 @@ class RunOptions:
     fallback_to_synthetic: bool = False  # dry runs: synthetic data when the dataset is absent
     allow_cpu_fallback: bool = False  # dry runs: device "cuda" runs on the CPU when absent
     jobs: int = 1  # runs trained in parallel worker processes
+    dry_run: bool = False  # mark the experiment directory as a dry run's (clear_dir removes it)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -175,6 +202,12 @@ def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
 
 def _check_spec(run_dir: Path, spec: dict) -> None:
     path = run_dir / "spec.json"
+    if not path.exists():
+        found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+        if found:  # the runner writes spec.json first: these files are not a run of its own
+            raise ForeignDirectoryError(
+                f"{run_dir} holds {', '.join(found)} but no spec.json, so not a gsgd run; "
+                "nothing was changed: move them away or use another --out")
     if path.exists():
         old = json.loads(path.read_text())
         if old != spec:
@@ -187,7 +220,11 @@ def _check_spec(run_dir: Path, spec: dict) -> None:
 
 
 def _clear_run(run_dir: Path) -> None:
-    for name in ("checkpoint.pt", "metrics.jsonl", "final.json", "spec.json"):
+    """Remove the files of the run in ``run_dir`` (``--no-resume``): only the runner's own files,
+    only when its ``spec.json`` says the directory holds a gsgd run."""
+    if not (run_dir / "spec.json").is_file():
+        return
+    for name in (*_RUN_FILES, "spec.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -229,11 +266,22 @@ def _epoch_line(label: str, seed: int, rec: dict, epochs: int) -> str:
 
 def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
               data: DatasetSplits, options: RunOptions | None = None) -> dict:
-    """Train (or resume, or skip when finished) one run; return its ``final.json`` summary."""
+    """Train (or resume, or skip when finished) one run; return its ``final.json`` summary.
+
+    Holds the run directory's lock throughout: :class:`DirectoryBusy` at once when another live
+    process trains the same run. Temp files of killed writers are removed first."""
     options = options or RunOptions()
-    exp = config.experiment
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_lock(run_dir):
+        remove_stale_temp_files(run_dir)
+        return _train_locked(config, spec, seed, run_dir, data, options)
+
+
+def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
+                  data: DatasetSplits, options: RunOptions) -> dict:
+    """:func:`train_run` once the run directory is locked."""
+    exp = config.experiment
     if not options.resume:
         _clear_run(run_dir)
     _check_spec(run_dir, _run_spec(config, spec, seed, data.name, options))
@@ -393,6 +441,47 @@ def _write_experiment_json(exp_dir: Path, config: Config, variant: str,
     atomic_write_text(exp_dir / "experiment.json", json.dumps(info, indent=1) + "\n")
 
 
+def _is_marked(path: Path) -> bool:
+    marker = Path(path) / DRY_RUN_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+@contextmanager
+def experiment_dir(base: Path, options: RunOptions) -> Iterator[Path]:
+    """Create (or reuse) the experiment directory ``base`` and hold its shared lock for the
+    block: other processes may train other runs in it meanwhile (each run has its own lock),
+    but :func:`clear_dir` cannot remove it.
+
+    A dry run marks a directory it creates (or finds empty) with ``.gsgd-dry-run`` and refuses
+    an unmarked one with contents; a real run refuses a marked one (a dry run would clear it).
+    Stale temp files of killed writers in ``base`` are removed."""
+    base = Path(base)
+    try:
+        base.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    if (options.dry_run and base.is_symlink()) or not base.is_dir():
+        raise ForeignDirectoryError(f"{base} exists and is not a directory gsgd can write its "
+                                    "results into: move it away or use another --out")
+    marked = _is_marked(base)
+    if options.dry_run and not marked:
+        if not created and any(base.iterdir()):
+            raise ForeignDirectoryError(
+                f"{base} exists and was not made by a gsgd dry run (no {DRY_RUN_MARKER} in it); "
+                "a dry run writes only into its own directories: move it away or use another "
+                "--out")
+        atomic_write_text(base / DRY_RUN_MARKER,
+                          json.dumps({"made_by": "gsgd dry run", "pid": os.getpid()}) + "\n")
+    if marked and not options.dry_run:
+        raise ForeignDirectoryError(
+            f"{base} is a dry run's directory ({DRY_RUN_MARKER}; the next dry run clears it): "
+            "use another --out for real runs")
+    with hold_lock(base, shared=True):
+        remove_stale_temp_files(base)
+        yield base
+
+
 def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = None,
                    report: bool = True, data: ExperimentData | None = None) -> list[Path]:
     """Run every (variant, optimizer, seed) of ``config`` under ``out_dir/<name>``.
@@ -412,24 +501,27 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
                                     fallback_to_synthetic=options.fallback_to_synthetic)
     if data.synthetic:
         log(f"NOTE: {data.note}")
-    dirs, tasks = [], []
-    for _variant, cfg, exp_dir in experiment_dirs(config, out_dir):
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        _write_experiment_json(exp_dir, cfg, _variant, data)
-        dirs.append(exp_dir)
-        tasks += [(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed))
-                  for spec in cfg.optimizers for seed in cfg.experiment.seeds]
-    if options.jobs == 1:
-        for cfg, spec, seed, run_dir in tasks:
-            with torch_threads(cfg.experiment.threads):
-                train_run(cfg, spec, seed, run_dir, data.splits, options)
-    else:
-        _run_in_workers(tasks, options, given)
-    if report:
-        for exp_dir in dirs:
-            write_report(exp_dir)
-        if len(dirs) > 1:
-            write_group_report(Path(out_dir) / config.experiment.name, dirs)
+    base = Path(out_dir) / config.experiment.name
+    with experiment_dir(base, options):
+        dirs, tasks = [], []
+        for _variant, cfg, exp_dir in experiment_dirs(config, out_dir):
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(exp_dir)
+            _write_experiment_json(exp_dir, cfg, _variant, data)
+            dirs.append(exp_dir)
+            tasks += [(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed))
+                      for spec in cfg.optimizers for seed in cfg.experiment.seeds]
+        if options.jobs == 1:
+            for cfg, spec, seed, run_dir in tasks:
+                with torch_threads(cfg.experiment.threads):
+                    train_run(cfg, spec, seed, run_dir, data.splits, options)
+        else:
+            _run_in_workers(tasks, options, given)
+        if report:
+            for exp_dir in dirs:
+                write_report(exp_dir)
+            if len(dirs) > 1:
+                write_group_report(base, dirs)
     return dirs
 
 
@@ -444,20 +536,59 @@ def _worker_run(cfg: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
         return train_run(cfg, spec, seed, run_dir, data.splits, options)
 
 
+def _worker_init(parent_pid: int) -> None:
+    """A worker's start: it exits when the parent dies, and leaves Ctrl-C to the parent (which
+    ends the workers itself, so that nothing queued starts after an interrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    # tqdm's default lock is a multiprocessing semaphore that a terminated worker would leave to
+    # the resource tracker (a "leaked semaphore" warning); workers draw no bars.
+    tqdm.set_lock(threading.RLock())
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the queued runs and end the workers now (checkpoints stay: a rerun resumes)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, 3.8+
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+    if manager is not None:  # it sees the workers gone, fails what was queued and ends
+        manager.join(max(0.0, deadline - time.monotonic()))
+
+
 def _run_in_workers(tasks: list, options: RunOptions, data: ExperimentData | None) -> None:
     """Train ``tasks`` in ``options.jobs`` spawned processes (runs are independent and each is
-    deterministic, so the results equal a sequential run's); one-line-per-epoch logs only."""
+    deterministic, so the results equal a sequential run's); one-line-per-epoch logs only.
+
+    The first failed run, Ctrl-C or any other exception here cancels the queued runs and ends
+    the workers before it propagates; workers exit by themselves when this process dies."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     # Workers print their epoch lines themselves (a custom log callable may not pickle).
     worker_options = replace(options, progress=False, log=print if options.log else None)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=options.jobs, mp_context=context,
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(_worker_run, cfg, spec, seed, run_dir, worker_options, data)
                    for cfg, spec, seed, run_dir in tasks]
-        for future in futures:
-            future.result()
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:  # the first failure in task order, if any
+            if future in done and future.exception() is not None:
+                future.result()
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def dry_run_config(config: Config, batch_size: int = 8) -> Config:
@@ -472,10 +603,24 @@ def dry_run_config(config: Config, batch_size: int = 8) -> Config:
 def dry_run_options(options: RunOptions) -> RunOptions:
     """Limits of a dry run: 3 batches per epoch, 32 examples per evaluation."""
     return replace(options, max_batches_per_epoch=3, eval_limit=32, resume=False,
-                   fallback_to_synthetic=True, allow_cpu_fallback=True)
+                   fallback_to_synthetic=True, allow_cpu_fallback=True, dry_run=True)
 
 
 def clear_dir(path: Path) -> None:
-    """Remove ``path`` (a dry-run output directory) if it exists."""
-    if Path(path).exists():
+    """Remove ``path`` if it is a dry run's directory (one a dry run made and marked with
+    ``.gsgd-dry-run``) and no process is using it; an empty or absent one is left as it is.
+    Anything else is refused with :class:`ForeignDirectoryError`, and nothing is deleted."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise ForeignDirectoryError(f"{path} is not a directory made by a gsgd dry run; nothing "
+                                    "was deleted: move it away or use another --out")
+    if not _is_marked(path):
+        if not any(path.iterdir()):
+            return
+        raise ForeignDirectoryError(
+            f"{path} exists and was not made by a gsgd dry run (no {DRY_RUN_MARKER} in it); "
+            "nothing was deleted: move it away or use another --out")
+    with hold_lock(path):  # fails at once while a run of another process uses it
         shutil.rmtree(path)

@@ -20,6 +20,7 @@ from gsgd.experiments.datasets import ExperimentData, load_experiment_data
 from gsgd.experiments.files import atomic_write_text
 from gsgd.experiments.runner import (
     RunOptions,
+    experiment_dir,
     experiment_dirs,
     run_dir_for,
     torch_threads,
@@ -74,6 +75,19 @@ def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
              f"Data: {data.splits.name}. Selection on the validation split only (the test split "
              "is never evaluated). Final validation accuracy (%), mean over seeds "
              f"{list(config.experiment.seeds)}.", ""]
+    with experiment_dir(sweep_dir, options):
+        configs = _sweep_variants(config, base, out_dir, data, options, chosen, lines)
+        report = sweep_dir / "sweep.md"
+        atomic_write_text(report, "\n".join(lines))
+    return SweepResult(chosen, report, configs)
+
+
+def _sweep_variants(config: Config, base: Config, out_dir: Path, data: ExperimentData,
+                    options: RunOptions, chosen: dict[str, dict[str, float]],
+                    lines: list[str]) -> list[Path]:
+    """Train every lr of every variant, fill ``chosen`` and the report ``lines``, write the
+    tuned configs; return their paths."""
+    sweep_dir = Path(out_dir) / base.experiment.name
     configs = []
     for variant, cfg, exp_dir in experiment_dirs(base, out_dir):
         chosen[variant] = {}
@@ -122,6 +136,4 @@ def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
         atomic_write_text(path, config_to_toml(tuned_cfg, header))
         configs.append(path)
         lines += [f"Tuned config: {path}", ""]
-    report = sweep_dir / "sweep.md"
-    atomic_write_text(report, "\n".join(lines))
-    return SweepResult(chosen, report, configs)
+    return configs
