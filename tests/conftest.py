@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -16,6 +17,11 @@ F64 = torch.float64
 # faster when another process shares the two cores (thread oversubscription made the whole
 # suite take 9+ minutes instead of under 2).
 torch.set_num_threads(1)
+
+# Experiment runs in the tests take the eager G-SGD step: compile = "auto" (the runner's
+# default) would compile every tiny model the suite trains (subprocesses inherit this too).
+# test_runner.py checks what "auto" chooses with the compiler probe replaced.
+os.environ["GSGD_COMPILE"] = "0"
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

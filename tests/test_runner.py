@@ -310,3 +310,67 @@ def test_parallel_jobs_give_the_same_results_as_sequential_runs(tmp_path, small)
             a = read_metrics(run_dir_for(seq, label, seed))
             b = read_metrics(run_dir_for(par, label, seed))
             assert without_time(a) == without_time(b)
+
+
+@pytest.mark.parametrize("works", [True, False], ids=["compiler works", "no compiler"])
+def test_compile_auto_compiles_the_gsgd_step_where_a_compiler_works(monkeypatch, works):
+    """``compile = "auto"`` (the default) asks the compiler probe; true / false are kept;
+    GSGD_COMPILE=0 makes "auto" eager; dry runs take "auto" eagerly."""
+    from gsgd.experiments import optimizers
+    from gsgd.experiments.runner import dry_run_config
+    from gsgd.models import mlp
+
+    monkeypatch.setattr(optimizers, "compiler_works", lambda device: works)
+    model = mlp([4, 3, 2], seed=0)
+    spec = digits_config().optimizers[0]
+    assert spec.compile == "auto"
+    monkeypatch.setenv("GSGD_COMPILE", "")
+    assert optimizers.step_compiled(spec, model) is works
+    assert optimizers.step_compiled(replace(spec, compile=True), model) is True
+    assert optimizers.step_compiled(replace(spec, compile=False), model) is False
+    monkeypatch.setenv("GSGD_COMPILE", "0")
+    assert optimizers.step_compiled(spec, model) is False
+    assert all(s.compile is False for s in dry_run_config(digits_config()).optimizers)
+
+
+def test_the_step_path_and_the_compile_time_are_recorded_apart_from_the_epoch_time(
+        tmp_path, digits, monkeypatch):
+    """Each G-SGD epoch records which step ran; the seconds spent building graphs
+    (gsgd.graphs.compile_seconds) are recorded as ``compile_time`` in the epoch where they
+    were spent, and not in its ``time``."""
+    import time as time_module
+
+    from gsgd import graphs
+    from gsgd.optim import GSGD
+
+    steps = {"n": 0}
+    real_step = GSGD.step
+
+    def step_that_compiles_first(self, closure=None):  # a 0.5 s "compile" in the first step
+        steps["n"] += 1
+        if steps["n"] == 1:
+            time_module.sleep(0.5)
+            graphs._COMPILE_SECONDS[0] += 0.5
+        return real_step(self, closure)
+
+    monkeypatch.setattr(GSGD, "step", step_that_compiles_first)
+    config = digits_config([{"name": "gsgd", "lr": 0.05}], epochs=2)
+    run_experiment(config, tmp_path, QUIET, data=ExperimentData(digits))
+    (run_dir,) = [p.parent for p in tmp_path.rglob("metrics.jsonl")]
+    first, second = read_metrics(run_dir)
+    assert first["step_path"] == second["step_path"] == "eager"  # GSGD_COMPILE=0 in tests
+    assert first["compile_time"] == pytest.approx(0.5, abs=1e-6)
+    assert "compile_time" not in second
+    assert first["time"] < 0.5 + second["time"]  # the 0.5 s is not in the epoch time
+
+
+def test_graph_building_time_is_counted():
+    """compile_seconds() grows by the time a new graph takes to build (a tiny function)."""
+    from gsgd import graphs
+
+    if not graphs.compiler_works():
+        pytest.skip("no working compiler here")
+    before = graphs.compile_seconds()
+    out = graphs.compiled(lambda x: x * 3 - 1)(torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+    assert graphs.compile_seconds() > before

@@ -10,6 +10,7 @@ needs changing.
 from __future__ import annotations
 
 import functools
+import time
 import types
 from collections.abc import Callable, Iterator
 
@@ -72,11 +73,14 @@ class FlatCompiled:
         if graph is not None:
             return graph(*tensors)
         graph = self._compile(structure)
+        start = time.perf_counter()
         try:  # torch.compile builds the graph on this first call, before it runs
             out = graph(*tensors)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             raise CompileFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") \
                 from exc
+        finally:
+            _COMPILE_SECONDS[0] += time.perf_counter() - start
         self.graphs[structure] = graph
         return out
 
@@ -94,9 +98,34 @@ class FlatCompiled:
         return torch.compile(fresh, dynamic=False, options=options)
 
 
+_COMPILE_SECONDS = [0.0]
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent building graphs (each graph's first call, which also
+    runs it once) so far: the one-off cost of ``compile=True``, to report apart from step
+    times."""
+    return _COMPILE_SECONDS[0]
+
+
 @functools.cache
 def compiled(fn: Callable, threads: int = -1) -> Callable:
     """``fn`` compiled by torch.compile (lazily, once per process and call structure; static
     shapes), called like ``fn``; :class:`CompileFailed` if a graph cannot be built. ``threads``
     >= 1 fixes the kernels' thread count (inductor's ``cpp.threads``)."""
     return FlatCompiled(fn, threads)
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2 + 1).sum()
+
+
+@functools.cache
+def compiler_works(device: str = "cpu") -> bool:
+    """Can torch.compile build and run a graph on ``device`` here (on the CPU inductor needs a
+    C++ compiler)? Tried once per process, on a tiny function."""
+    try:
+        compiled(_probe)(torch.ones(4, device=device))
+    except CompileFailed:
+        return False
+    return True

@@ -165,7 +165,7 @@ class OptimizerSpec:
     c: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    compile: bool = False
+    compile: bool | str = "auto"
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -259,6 +259,12 @@ def _boolean(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad("must be true or false")
     return v
+
+
+def _compile_choice(v: Any) -> bool | str:
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise _Bad('must be true, false or "auto" (compile where a working compiler is found)')
 
 
 def _int_at_least(low: int) -> Check:
@@ -405,7 +411,7 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "c": _number(0.0, open_low=True),
     "betas": _betas,
     "eps": _number(0.0, open_low=True),
-    "compile": _boolean,
+    "compile": _compile_choice,
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if not any(k in r.keys for r in OPTIMIZERS.values()))

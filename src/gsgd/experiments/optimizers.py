@@ -9,6 +9,7 @@ sets each epoch's lr.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from gsgd.graphs import compiler_works
 from gsgd.optim import GSGD, ENormSGD, PathSGD
 from gsgd.structure import Structure
 
 if TYPE_CHECKING:  # config.py reads OPTIMIZERS, so the spec's type is imported for hints only
     from gsgd.experiments.config import OptimizerSpec
 
-__all__ = ["OPTIMIZERS", "OptimizerRecord", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerRecord", "build_optimizer", "step_compiled"]
 
 Builder = Callable[..., torch.optim.Optimizer]
 """``build(spec, model, **extra)``; ``extra`` is ``structure=`` when the record needs it."""
@@ -45,9 +47,21 @@ def _sgd_like(spec: OptimizerSpec) -> dict[str, Any]:
                 nesterov=spec.nesterov)
 
 
+def step_compiled(spec: OptimizerSpec, model: nn.Module) -> bool:
+    """Whether the G-SGD step of this run is compiled: ``compile = true / false``, or with
+    ``"auto"`` (the default) wherever torch.compile works for the model's device
+    (:func:`gsgd.graphs.compiler_works`), unless the environment sets ``GSGD_COMPILE=0``."""
+    if isinstance(spec.compile, bool):
+        return spec.compile
+    if os.environ.get("GSGD_COMPILE", "").strip() == "0":
+        return False
+    device = next(model.parameters()).device
+    return compiler_works(device.type)
+
+
 def _gsgd(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
-    return GSGD(model, **_sgd_like(spec), max_ratio=spec.max_ratio, compile=spec.compile,
-                **extra)
+    return GSGD(model, **_sgd_like(spec), max_ratio=spec.max_ratio,
+                compile=step_compiled(spec, model), **extra)
 
 
 def _sgd(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:

@@ -63,7 +63,9 @@ from gsgd.experiments.files import (
 from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.optimizers import build_optimizer
 from gsgd.experiments.report import write_group_report, write_report
+from gsgd.graphs import compile_seconds
 from gsgd.group import random_rescale, skeleton_init
+from gsgd.optim import GSGD
 from gsgd.optim.common import NonFiniteError, PlainParametersWarning
 
 __all__ = [
@@ -367,6 +369,7 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                                       start=start)
             model.train()
             t0 = time.perf_counter()
+            compiling = compile_seconds()  # graphs built in this epoch: reported apart
             diverged = None
             for i, (xb, yb) in zip(range(start, per_epoch), batches, strict=False):
                 if options.stop_after_batches is not None \
@@ -392,7 +395,8 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                         and i + 1 < per_epoch:
                     checkpoint(epoch, i + 1, epoch_gen_state, loss_sum, loss_count,
                                elapsed + time.perf_counter() - t0)
-            train_time = elapsed + time.perf_counter() - t0
+            epoch_compile = compile_seconds() - compiling
+            train_time = elapsed + time.perf_counter() - t0 - epoch_compile
             if diverged is not None:
                 rec = {"epoch": epoch + 1, "diverged": True, "batch": diverged[0],
                        "reason": diverged[1], "lr": lr}
@@ -404,6 +408,11 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                 break
             rec = {"epoch": epoch + 1, "lr": lr,
                    "train_loss": loss_sum / max(loss_count, 1), "time": train_time}
+            if isinstance(optimizer, GSGD):  # which step ran (a failed compile falls back)
+                rec["step_path"] = "compiled" if optimizer.param_groups[0]["compile"] \
+                    else "eager"
+            if epoch_compile:
+                rec["compile_time"] = epoch_compile
             t1 = time.perf_counter()
             last = epoch + 1 == exp.epochs
             if last or (epoch + 1) % exp.eval_every == 0:
@@ -593,11 +602,14 @@ def _run_in_workers(tasks: list, options: RunOptions, data: ExperimentData | Non
 
 def dry_run_config(config: Config, batch_size: int = 8) -> Config:
     """The dry-run version of ``config``: 1 epoch, its first seed, small batches, checkpoints
-    every 2 batches (so the mid-epoch checkpoint path runs too)."""
+    every 2 batches (so the mid-epoch checkpoint path runs too), and ``compile = "auto"``
+    eager (a dry run checks the pipeline in seconds; the compiler would take longer)."""
     exp = replace(config.experiment, epochs=1, seeds=config.experiment.seeds[:1],
                   batch_size=min(config.experiment.batch_size, batch_size), checkpoint_every=2,
                   eval_every=1)
-    return replace(config, experiment=exp)
+    specs = tuple(replace(s, compile=False) if s.compile == "auto" else s
+                  for s in config.optimizers)
+    return replace(config, experiment=exp, optimizers=specs)
 
 
 def dry_run_options(options: RunOptions) -> RunOptions:
