@@ -671,6 +671,10 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     """
     if gated:  # no host to retry with fresh norms if a carried bound were too loose
         blocks = [b._replace(carried=None) for b in blocks]
+    else:  # a step that measures its norms (the first, one in CARRY_STEPS) runs eagerly: the
+        # graphs are built for the carried form only (half the one-off compile time)
+        blocks = [b._replace(compile=False) if b.compile and b.carried is None else b
+                  for b in blocks]
     hypers = [_hyper(b) for b in blocks]
     to_compile = [i for i, b in enumerate(blocks) if b.compile]
     one_graph = bool(to_compile) and \
