@@ -10,6 +10,8 @@ from gsgd.optim import (
     GSGD,
     ENorm,
     ENormSGD,
+    GAdam,
+    GAdamW,
     InitScaleWarning,
     NonFiniteError,
     PathSGD,
@@ -20,8 +22,8 @@ from gsgd.structure import Block, Layer, Structure, StructureError
 __version__ = "0.1.0"
 
 __all__ = [
-    "GSGD", "PathSGD", "ENorm", "ENormSGD", "NonFiniteError", "InitScaleWarning",
-    "PlainParametersWarning", "discover",
+    "GSGD", "GAdam", "GAdamW", "PathSGD", "ENorm", "ENormSGD", "NonFiniteError",
+    "InitScaleWarning", "PlainParametersWarning", "discover",
     "skeleton_init", "pathcond", "PathCondResult",
     "random_rescale", "canonical_form", "Structure", "Block", "Layer", "StructureError",
 ]

@@ -17,6 +17,9 @@ One step of a block (docs/math.md sections 4-7), weights viewed as ``(out, in, t
     v'  = v - lr * s,  carrier ratios R = v'/v with |R| bounded, sign kept (guard_ratio)
     w'  = weights with basis-path values v', frozen child edges unchanged  (allocate)
 
+G-space Adam / AdamW (:func:`reference_adam_step`, docs/math.md section 11) feeds Adam's
+direction of the same d to the same allocation and guard.
+
 The recursions -- route products (``gsgd.basis``), the carrier potentials Z
 (:func:`carrier_potentials`), the allocation ratios rho (:func:`node_ratios`) -- and the
 momentum rule and ratio guard are written once, here and in ``gsgd.basis``; the fast step calls
@@ -177,6 +180,33 @@ def g_space_gradient(weights: Tensors, grads: Tensors, bias_grads: OptTensors,
     return dw, db
 
 
+def g_space_values(weights: Tensors, biases: OptTensors, routes: tuple[LayerRoutes, ...],
+                   products: RouteProducts | None = None, carriers: bool = True
+                   ) -> tuple[Tensors, OptTensors]:
+    """The G-space coordinates v_e = c_e w_e of a block, weight- and bias-shaped (a bias of b:
+    v = bias_b * beta(b)); 0 at the frozen child edges (not coordinates) and, with
+    ``carriers=False``, 0 at the carriers too (the positive basis paths P+ only)."""
+    alphas, betas = products if products is not None else route_products(weights, routes)
+    vw: Tensors = []
+    vb: OptTensors = []
+    for l, (w, r) in enumerate(zip(weights, routes, strict=True)):
+        v = w * route_scale(alphas[l], betas[l + 1])
+        flat = v.view(-1)
+        if r.tail_hidden:
+            flat[r.child_flat(v.device)] = 0  # frozen: not a coordinate
+        if not carriers and r.head_hidden:
+            flat[carrier_flat(r, v.device)] = 0
+        vw.append(v)
+        b = biases[l] if l < len(biases) else None
+        vb.append(None if b is None else b * betas[l + 1])
+    return vw, vb
+
+
+def carrier_flat(r: LayerRoutes, device: torch.device | None = None) -> torch.Tensor:
+    """Flat positions (in the ``(out, in, taps)`` view) of the layer's carriers."""
+    return r.parent_flat(device)[r.carriers(device)]
+
+
 def guard_ratio(raw: torch.Tensor, max_ratio: float | torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The carrier-ratio guard (section 7): |R| bounded to [1/max_ratio, max_ratio], its sign
@@ -289,15 +319,13 @@ def reference_step(t: BlockTensors, hp: StepHyper) -> BlockUpdate:
     alphas, betas = products
     dw, db = g_space_gradient(t.weights, t.grads, t.bias_grads, routes, products)
     wd = hp.weight_decay or None
-    for l, r in enumerate(routes):
+    vw, vb = g_space_values(t.weights, t.biases, routes, products)
+    for l in range(len(routes)):
         scale = None if t.row_scales is None else t.row_scales[l]
-        values = t.weights[l] * route_scale(alphas[l], betas[l + 1])
-        if r.tail_hidden:
-            values.view(-1)[r.child_flat(values.device)] = 0  # frozen: not a coordinate
         dw[l] = g_space_direction(dw[l], None if scale is None else scale[:, None, None], wd,
-                                  values)
+                                  vw[l])
         if db[l] is not None:
-            db[l] = g_space_direction(db[l], scale, wd, t.biases[l] * betas[l + 1])
+            db[l] = g_space_direction(db[l], scale, wd, vb[l])
     bufs = bias_bufs = None
     steps, bias_steps = dw, db
     if hp.momentum:
@@ -326,3 +354,196 @@ def gsgd_step(weights: Tensors, biases: OptTensors, grads: Tensors, bias_grads: 
     up = reference_step(BlockTensors(routes, weights, grads, pad(biases), pad(bias_grads)),
                         StepHyper(lr, max_ratio=max_ratio))
     return Allocation(up.weights, up.biases, up.clipped)
+
+
+# --------------------------------------------------------------------------------------------
+# G-space Adam / AdamW (docs/math.md section 11)
+# --------------------------------------------------------------------------------------------
+
+class AdamHyper(NamedTuple):
+    """The hyper-parameters of one G-Adam step (one param group's values).
+
+    ``decoupled``: AdamW's decay (s' = u + weight_decay * v) instead of Adam's coupled L2
+    (d += weight_decay * v). ``decay_carriers``: whether either decay also acts on the carriers'
+    basis paths (False: the positive basis paths P+ only, i.e. non-carrier edges and biases).
+    ``bp_norm``: (lam_pos, lam_neg) of :func:`basis_path_norm`, added to d (coupled).
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    decay_carriers: bool = False
+    amsgrad: bool = False
+    max_ratio: float = 100.0
+    maximize: bool = False
+    bp_norm: tuple[float, float] = (0.0, 0.0)
+
+
+class AdamMoments(NamedTuple):
+    """torch.optim.Adam's state of one tensor: the step count t, the first and second moments,
+    and (AMSGrad) the running maximum of the second moment (else None)."""
+
+    step: float
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None = None
+
+
+class AdamState(NamedTuple):
+    """The G-Adam state of a block: per layer, the moments of its weight and of its bias (None:
+    not started, i.e. t = 0 and zero moments; always None for a layer without a bias)."""
+
+    weights: list[AdamMoments | None]
+    biases: list[AdamMoments | None]
+
+    @staticmethod
+    def fresh(layers: int) -> AdamState:
+        """The state of a block of ``layers`` layers before its first step."""
+        return AdamState([None] * layers, [None] * layers)
+
+
+class AdamUpdate(NamedTuple):
+    """What a G-Adam step computes for a block: new weights (``(out, in, taps)``), biases, the
+    new state and the number of carrier ratios the guard changed."""
+
+    weights: Tensors
+    biases: OptTensors
+    state: AdamState
+    clipped: torch.Tensor
+
+
+def adam_direction(d: torch.Tensor, moments: AdamMoments | None, beta1: float, beta2: float,
+                   eps: float, amsgrad: bool) -> tuple[torch.Tensor, AdamMoments]:
+    """Adam's direction in torch.optim.Adam's conventions, on one tensor of G-space gradients:
+
+        t' = t + 1,  m' = beta1 m + (1 - beta1) d,  s' = beta2 s + (1 - beta2) d^2
+        s_max' = max(s_max, s')                               (AMSGrad; the root uses it)
+        u = (m' / (1 - beta1^t')) / (sqrt(s' / (1 - beta2^t')) + eps)
+
+    (eps outside the bias-corrected root, as torch). ``moments`` None: t = 0, zero moments.
+    Returns (u, the new moments); pure.
+    """
+    if moments is None:
+        zero = torch.zeros_like(d)
+        moments = AdamMoments(0.0, zero, zero, zero if amsgrad else None)
+    t = moments.step + 1
+    m = torch.lerp(moments.exp_avg, d, 1 - beta1)
+    s = moments.exp_avg_sq * beta2 + (1 - beta2) * d * d
+    peak = None
+    if amsgrad:
+        old = moments.max_exp_avg_sq
+        peak = s if old is None else torch.maximum(old, s)
+    root = (s if peak is None else peak).sqrt() / (1 - beta2 ** t) ** 0.5
+    u = m / (1 - beta1 ** t) / (root + eps)
+    return u, AdamMoments(t, m, s, peak)
+
+
+def basis_path_norm(weights: Tensors, biases: OptTensors, routes: tuple[LayerRoutes, ...],
+                    lam_pos: float, lam_neg: float, products: RouteProducts | None = None
+                    ) -> torch.Tensor:
+    """The basis-path regulariser (OUR DESIGN, docs/math.md section 11; the BP-norm paper's
+    own formula is unconfirmed), a function of the basis-path values only:
+
+        R(v) = lam_pos / 2 * sum_{p in P+} v_p^2  +  lam_neg / 2 * sum_{carriers c} log(|v_c|)^2
+
+    P+: non-carrier representative edges and biases. log|v_c| is taken as log|alpha(tail)| +
+    log|w_c| + log|beta(b)| (route products underflow in float32 before the log)."""
+    products = products if products is not None else route_products(weights, routes)
+    vw, vb = g_space_values(weights, biases, routes, products, carriers=False)
+    pos = sum(v.square().sum() for v in [*vw, *vb] if v is not None)
+    neg = sum(logs.square().sum() for logs in _carrier_logs(weights, routes, products)
+              if logs is not None)
+    return lam_pos / 2 * pos + lam_neg / 2 * neg
+
+
+def _carrier_logs(weights: Tensors, routes: tuple[LayerRoutes, ...], products: RouteProducts
+                  ) -> OptTensors:
+    """log|v_c| per head of every layer whose heads are hidden (entries at non-carrier heads are
+    meaningless; mask with ``r.carriers()``), None elsewhere."""
+    alphas, betas = products
+    out: OptTensors = []
+    for l, (w, r) in enumerate(zip(weights, routes, strict=True)):
+        if not r.head_hidden:
+            out.append(None)
+            continue
+        logs = (alphas[l][r.parent_tails(w.device)].abs().log() + parents(w, r).abs().log()
+                + betas[l + 1].abs().log())
+        out.append(torch.where(r.carriers(w.device), logs, 0.0))
+    return out
+
+
+def basis_path_norm_gradient(weights: Tensors, biases: OptTensors,
+                             routes: tuple[LayerRoutes, ...], lam_pos: float, lam_neg: float,
+                             products: RouteProducts | None = None) -> tuple[Tensors, OptTensors]:
+    """dR/dv of :func:`basis_path_norm`, weight- and bias-shaped (0 at the frozen edges):
+
+        lam_pos * v_e                 positive basis paths (non-carrier edges, biases)
+        lam_neg * log|v_c| / v_c      carriers
+    """
+    products = products if products is not None else route_products(weights, routes)
+    alphas, betas = products
+    vw, vb = g_space_values(weights, biases, routes, products, carriers=False)
+    dw = [lam_pos * v for v in vw]
+    db = [None if v is None else lam_pos * v for v in vb]
+    for l, (w, r, logs) in enumerate(zip(weights, routes, _carrier_logs(weights, routes,
+                                                                        products), strict=True)):
+        if logs is None:
+            continue
+        vc = carrier_values(parents(w, r), alphas[l], betas[l + 1], r)
+        pos = r.parent_flat(w.device)
+        flat = dw[l].view(-1)
+        flat[pos] = torch.where(r.carriers(w.device), lam_neg * logs / vc, flat[pos])
+    return dw, db
+
+
+def reference_adam_step(t: BlockTensors, state: AdamState, hp: AdamHyper) -> AdamUpdate:
+    """One G-Adam (G-AdamW) step of a block; pure, returns new tensors (docs/math.md s. 11):
+
+        d   = dL/dv by the inverse chain rule                      (g_space_gradient)
+        d  *= row_scale                        batchnorm="approximate" only (NOT invariant)
+        d  += weight_decay * v~                Adam's coupled L2 (not ``decoupled``)
+        d  += dR/dv                            basis-path regulariser (``bp_norm``, our design)
+        u   = Adam's direction of d, per basis path                (adam_direction)
+        s'  = u + weight_decay * v~ if decoupled else u              (AdamW's decay)
+        v'  = v - lr * s'  -> weights by allocate: the same guard of R and count as G-SGD
+
+    v~ = v on every basis path with ``decay_carriers``, else on P+ only (carriers 0).
+    ``hp.maximize`` negates the gradients first (as torch.optim.Adam).
+    """
+    if hp.maximize:
+        t = t._replace(grads=[-g for g in t.grads],
+                       bias_grads=[None if g is None else -g for g in t.bias_grads])
+    routes = t.routes
+    n = len(routes)
+    products = route_products(t.weights, routes)
+    dw, db = g_space_gradient(t.weights, t.grads, t.bias_grads, routes, products)
+    vw, vb = g_space_values(t.weights, t.biases, routes, products, carriers=hp.decay_carriers)
+    coupled = None if hp.decoupled or not hp.weight_decay else hp.weight_decay
+    reg = (basis_path_norm_gradient(t.weights, t.biases, routes, *hp.bp_norm, products)
+           if any(hp.bp_norm) else None)
+    for l in range(n):
+        scale = None if t.row_scales is None else t.row_scales[l]
+        dw[l] = g_space_direction(dw[l], None if scale is None else scale[:, None, None],
+                                  coupled, vw[l])
+        if db[l] is not None:
+            db[l] = g_space_direction(db[l], scale, coupled, vb[l])
+        if reg is not None:
+            dw[l] = dw[l] + reg[0][l]
+            db[l] = None if db[l] is None else db[l] + reg[1][l]
+    moved = [adam_direction(d, m, hp.beta1, hp.beta2, hp.eps, hp.amsgrad)
+             for d, m in zip(dw, state.weights, strict=True)]
+    moved_b = [(None, None) if d is None else
+               adam_direction(d, m, hp.beta1, hp.beta2, hp.eps, hp.amsgrad)
+               for d, m in zip(db, state.biases, strict=True)]
+    steps = [u for u, _ in moved]
+    bias_steps = [u for u, _ in moved_b]
+    if hp.decoupled and hp.weight_decay:
+        steps = [u + hp.weight_decay * v for u, v in zip(steps, vw, strict=True)]
+        bias_steps = [None if u is None else u + hp.weight_decay * v
+                      for u, v in zip(bias_steps, vb, strict=True)]
+    new = allocate(t.weights, t.biases, steps, bias_steps, hp.lr, routes, products, hp.max_ratio)
+    return AdamUpdate(new.weights, new.biases,
+                      AdamState([m for _, m in moved], [m for _, m in moved_b]), new.clipped)
