@@ -55,6 +55,7 @@ HYPER = {
     "weight decay": {"momentum": 0.9, "weight_decay": 1e-2},
     "guard": {"momentum": 0.9, "max_ratio": 1.01},  # the ratio guard changes some ratios
     "maximize": {"lr": 0.005, "momentum": 0.9, "weight_decay": 1e-2, "maximize": True},
+    "bp-norm": {"momentum": 0.9, "weight_decay": 1e-3, "bp_norm": (2e-2, 5e-2)},
 }
 
 
@@ -64,7 +65,7 @@ def reference_of(opt: GSGD, model: nn.Module) -> tuple[dict[str, torch.Tensor], 
     how many carrier ratios the reference's guard changed, per block."""
     group = opt.param_groups[0]
     hp = StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                   group["nesterov"], group["max_ratio"], group["maximize"])
+                   group["nesterov"], group["max_ratio"], group["maximize"], group["bp_norm"])
     named = dict(model.named_parameters())
 
     def clone(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -172,6 +173,7 @@ COMPILED_CASES = [
     ("bn-approximate", "momentum", torch.float32, "raise"),
     ("two blocks + plain", "plain", torch.float32, "skip"),
     ("mlp", "guard", torch.float64, "skip"),
+    ("mlp+bias", "bp-norm", torch.float64, "raise"),
 ]
 
 

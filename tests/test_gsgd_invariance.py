@@ -153,7 +153,8 @@ def test_gsgd_with_momentum_and_weight_decay_is_invariant_under_rescaling(arch, 
     (0.002, dict(momentum=0.9, nesterov=True, weight_decay=1e-3)),
     (0.003, dict(momentum=0.8, dampening=0.3, weight_decay=1e-2)),
     (0.02, dict()),
-], ids=["nesterov", "dampening", "plain"])
+    (0.002, dict(momentum=0.9, weight_decay=1e-3, bp_norm=(1e-2, 1e-2))),
+], ids=["nesterov", "dampening", "plain", "bp-norm"])
 def test_gsgd_variants_are_invariant_under_rescaling(lr, hyper):
     check_invariance((4, 6, 3, 5, 2), (True, False, True, True), ("relu", "leaky", "prelu"),
                      seed=3, lr=lr, **hyper)

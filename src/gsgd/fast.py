@@ -47,6 +47,7 @@ from gsgd.reference import (
     StepHyper,
     Tensors,
     carrier_gradient,
+    carrier_logs,
     carrier_potentials,
     carrier_ratio,
     carrier_values,
@@ -79,6 +80,8 @@ class Numbers(NamedTuple):
     dampening: float | torch.Tensor
     weight_decay: float | torch.Tensor
     max_ratio: float | torch.Tensor
+    path_decay: float | torch.Tensor = 0.0  # bp_norm's lam_pos: L2 on the positive basis paths
+    carrier_log: float | torch.Tensor = 0.0  # bp_norm's lam_neg: log|v|^2 on the carriers
 
 
 #: what the phase functions take: Numbers, or their 1-d tensor in a graph
@@ -89,11 +92,18 @@ def _numbers(hp: Hyper) -> Numbers:
     return hp if isinstance(hp, Numbers) else Numbers(*hp.unbind())
 
 
+def _decay(n: Numbers):
+    """The L2 factor of the dense entries and biases (the positive basis paths): weight decay
+    plus bp_norm's lam_pos (the carriers take weight decay and the log term, in the plan)."""
+    return n.weight_decay + n.path_decay
+
+
 class StepFlags(NamedTuple):
     """The structural choices of a step (static for a compiled graph)."""
 
     nesterov: bool
-    has_wd: bool
+    has_wd: bool  # weight decay or bp_norm's lam_pos on the dense entries
+    has_log: bool = False  # bp_norm's lam_neg on the carriers
 
 
 class BlockStep(NamedTuple):
@@ -242,7 +252,7 @@ def write_bound(m: Magnitudes, hp: Hyper, flags: StepFlags, ratio=None) -> Bound
     n = _numbers(hp)
     d = m.g * m.inv_c * m.row_scale
     if flags.has_wd:
-        d = d + n.weight_decay * m.c * m.w
+        d = d + _decay(n) * m.c * m.w
     b = s = d
     if m.buf is not None:
         b = n.momentum * m.buf + abs(1 - n.dampening) * d
@@ -402,6 +412,8 @@ def block_plan(t: BlockTensors, hp: Hyper, flags: StepFlags, work: Work | None =
         dc = carrier_gradient(par_w[l] * parents(g, r), Z[l + 1], vc)
         dc = g_space_direction(dc, None if t.row_scales is None else t.row_scales[l],
                                n.weight_decay if flags.has_wd else None, vc)
+        if flags.has_log:  # bp_norm's carrier term: d/dv of lam_neg / 2 * log|v|^2
+            dc = dc + n.carrier_log * carrier_logs(par_w[l], alphas[l], betas[l + 1], r) / vc
         old = None if t.buffers is None else parents(t.buffers[l], r)
         sc, bufc = (dc, None) if old is None else momentum_step(dc, old, n.momentum,
                                                                 n.dampening, flags.nesterov)
@@ -433,7 +445,7 @@ def _bias_values(b: torch.Tensor, gb: torch.Tensor, bias_buf: torch.Tensor | Non
     """New (bias, bias buffer) of node b (an edge from a bias node: rho = 1, v = b * beta):
     b' = b - lr * s / beta."""
     n = _numbers(hp)
-    db = g_space_direction(gb * inv_beta, row_scale, n.weight_decay if flags.has_wd else None,
+    db = g_space_direction(gb * inv_beta, row_scale, _decay(n) if flags.has_wd else None,
                            b / inv_beta if flags.has_wd else None)
     sb, new_bb = (db, None) if bias_buf is None else momentum_step(db, bias_buf, n.momentum,
                                                                    n.dampening, flags.nesterov)
@@ -487,7 +499,7 @@ def layer_values(t: BlockTensors, plan: Plan, hp: Hyper, flags: StepFlags,
     centre = torch.arange(r.taps, device=dev)[None, None, :] == r.centre
     inv_c = plan.inv_betas[l + 1][:, None, None] * plan.inv_alphas[l][None, :, None]
     d = g_space_direction(g * inv_c, None if row_scale is None else row_scale[:, None, None],
-                          n.weight_decay if flags.has_wd else None,
+                          _decay(n) if flags.has_wd else None,
                           w / inv_c if flags.has_wd else None)
     s, new_buf = (d, None) if buf is None else momentum_step(d, buf, n.momentum,
                                                              n.dampening, flags.nesterov)
@@ -533,7 +545,7 @@ def dense_update_inplace(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | N
     nothing: 1/c goes into ``scratch`` (a reusable work tensor, not state) and d straight into
     the buffer.
     """
-    lr, mu, damp, wd = hp.lr, hp.momentum, hp.dampening, hp.weight_decay
+    lr, mu, damp, wd = hp.lr, hp.momentum, hp.dampening, _decay(hp)
     inv_c = torch.outer(inv_beta, inv_alpha, out=scratch) if scratch is not None \
         else torch.outer(inv_beta, inv_alpha)
     if buf is not None and row_scale is None and not flags.nesterov:
@@ -640,9 +652,10 @@ def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
     first momentum step dampening is 0 (the zero buffer then becomes d). A tensor lr is read
     on the host here (a sync)."""
     h = step.hyper
+    lam_pos, lam_neg = (float(x) for x in h.bp_norm)
     values = Numbers(float(h.lr), float(h.momentum), 0.0 if step.first else float(h.dampening),
-                     float(h.weight_decay), float(h.max_ratio))
-    flags = StepFlags(bool(h.nesterov), bool(h.weight_decay))
+                     float(h.weight_decay), float(h.max_ratio), lam_pos, lam_neg)
+    flags = StepFlags(bool(h.nesterov), bool(h.weight_decay or lam_pos), bool(lam_neg))
     if not step.compile:
         return values, flags
     w = step.tensors.weights[0]

@@ -12,6 +12,7 @@ One step of a block (docs/math.md sections 4-7), weights viewed as ``(out, in, t
     d_e = dL/dv_e by the inverse chain rule                             (g_space_gradient)
     d_e *= row_scale(row)              batchnorm="approximate" only (the paper's heuristic)
     d_e += weight_decay * v_e          L2 on basis-path values, representative edges and biases
+    d_e += dR/dv_e                     bp_norm: the basis-path regulariser (section 11, our design)
     buf = d (first step) | momentum * buf + (1 - dampening) * d          (momentum_step)
     s   = d + momentum * buf if nesterov else buf   (s = d without momentum)
     v'  = v - lr * s,  carrier ratios R = v'/v with |R| bounded, sign kept (guard_ratio)
@@ -75,6 +76,7 @@ class StepHyper(NamedTuple):
     nesterov: bool = False
     max_ratio: float = 100.0
     maximize: bool = False
+    bp_norm: tuple[float, float] = (0.0, 0.0)
 
 
 class BlockUpdate(NamedTuple):
@@ -326,6 +328,10 @@ def reference_step(t: BlockTensors, hp: StepHyper) -> BlockUpdate:
                                   vw[l])
         if db[l] is not None:
             db[l] = g_space_direction(db[l], scale, wd, vb[l])
+    if any(hp.bp_norm):  # + dR/dv of the basis-path regulariser (our design, section 11)
+        rw, rb = basis_path_norm_gradient(t.weights, t.biases, routes, *hp.bp_norm, products)
+        dw = [d + r for d, r in zip(dw, rw, strict=True)]
+        db = [None if d is None else d + r for d, r in zip(db, rb, strict=True)]
     bufs = bias_bufs = None
     steps, bias_steps = dw, db
     if hp.momentum:
@@ -459,6 +465,14 @@ def basis_path_norm(weights: Tensors, biases: OptTensors, routes: tuple[LayerRou
     return lam_pos / 2 * pos + lam_neg / 2 * neg
 
 
+def carrier_logs(parent_w: torch.Tensor, alpha_in: torch.Tensor, beta_out: torch.Tensor,
+                 r: LayerRoutes) -> torch.Tensor:
+    """log|v[pi(b)]| = log|alpha(b mod h_in)| + log|w[pi(b)]| + log|beta(b)| for every parent
+    edge of a layer (summed logs: the product underflows in float32 first)."""
+    return (alpha_in[r.parent_tails(parent_w.device)].abs().log() + parent_w.abs().log()
+            + beta_out.abs().log())
+
+
 def _carrier_logs(weights: Tensors, routes: tuple[LayerRoutes, ...], products: RouteProducts
                   ) -> OptTensors:
     """log|v_c| per head of every layer whose heads are hidden (entries at non-carrier heads are
@@ -469,8 +483,7 @@ def _carrier_logs(weights: Tensors, routes: tuple[LayerRoutes, ...], products: R
         if not r.head_hidden:
             out.append(None)
             continue
-        logs = (alphas[l][r.parent_tails(w.device)].abs().log() + parents(w, r).abs().log()
-                + betas[l + 1].abs().log())
+        logs = carrier_logs(parents(w, r), alphas[l], betas[l + 1], r)
         out.append(torch.where(r.carriers(w.device), logs, 0.0))
     return out
 

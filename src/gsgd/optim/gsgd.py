@@ -39,7 +39,8 @@ class _Bound(NamedTuple):
 
 def _hyper(group: dict) -> StepHyper:
     return StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                     group["nesterov"], group["max_ratio"], group["maximize"])
+                     group["nesterov"], group["max_ratio"], group["maximize"],
+                     tuple(group.get("bp_norm", (0.0, 0.0))))
 
 
 class GSGD(GBlockOptimizer):
@@ -69,6 +70,10 @@ class GSGD(GBlockOptimizer):
         lr: learning rate (in G-space).
         momentum, dampening, nesterov: as in ``torch.optim.SGD``, applied to dL/dv.
         weight_decay: L2 penalty on basis-path values (lambda/2 * v^2).
+        bp_norm: ``(lam_pos, lam_neg)`` of the basis-path regulariser
+            lam_pos/2 * sum_{P+} v^2 + lam_neg/2 * sum_{carriers} log(|v|)^2 (OUR DESIGN, docs/
+            math.md section 11: the BP-norm paper's own formula is unconfirmed), added to the
+            G-space gradient of the G-blocks; not applied to plain parameters.
         max_ratio: bound B of the carrier-ratio guard: |R| = |v'/v| is kept in [1/B, B], its
             sign kept (a negative R is an ordinary step); every changed entry is counted
             (:meth:`clip_counts`). Within the bounds the step is exactly the paper's.
@@ -112,6 +117,7 @@ class GSGD(GBlockOptimizer):
         compile: bool = False,
         maximize: bool = False,
         *,
+        bp_norm: tuple[float, float] = (0.0, 0.0),
         model: nn.Module | None = None,
         structure: Structure | None = None,
         batchnorm: str | None = None,
@@ -123,7 +129,7 @@ class GSGD(GBlockOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, max_ratio=max_ratio,
                         on_nonfinite=on_nonfinite, compile=compile, maximize=maximize,
-                        skipped_steps=0)
+                        bp_norm=tuple(bp_norm), skipped_steps=0)
         self._setup("GSGD", params, defaults, model, structure, batchnorm)
         if init == "skeleton":
             from gsgd.discovery import unwrap
