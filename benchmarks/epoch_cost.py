@@ -3,11 +3,11 @@
 For each model, epochs of torch SGD, GSGD (eager) and GSGD (``compile=True``) are alternated
 (A B C A B C ...), each from the same skeleton-initialised weights, with the runner's training
 loop (shuffled batches from a seeded generator, ``zero_grad(set_to_none=True)``, forward, cross
-entropy, ``loss.item()``, backward, step). The one-off compile time (the first compiled step
-minus a later one) is measured on a separate warm-up step and reported apart; it is not in any
-epoch time. Reported: median epoch seconds per method, the ratio of medians to SGD, and the
-spread of the per-round ratio (min / max). Only these in-process ratios mean anything on a
-shared machine: absolute times move 20-50% run to run.
+entropy, ``loss.item()``, backward, step; denormals flushed to zero). The one-off compile time
+(:func:`gsgd.graphs.compile_seconds` over a few warm-up steps of a copy) is reported apart; it
+is not in any epoch time. Reported: median epoch seconds per method, the ratio of medians to
+SGD, and the spread of the per-round ratio (min / max). Only these in-process ratios mean
+anything on a shared machine: absolute times move 20-50% run to run.
 
     python benchmarks/epoch_cost.py                          # both MLPs, 3 rounds, JSON
     python benchmarks/epoch_cost.py --models paper --rounds 5 --batches 300
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsgd import graphs
 from gsgd.data import iterate_batches, load_dataset
 from gsgd.discovery import discover
 from gsgd.group import skeleton_init
@@ -79,17 +80,17 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 def compile_seconds(model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
                     batch: int) -> float:
-    """The one-off cost of ``compile=True``: first step minus a later one, on a copy."""
+    """The one-off cost of ``compile=True``: the seconds spent building graphs
+    (:func:`gsgd.graphs.compile_seconds`) in a few steps of a copy (graphs are kept per
+    process, so the timed epochs build none)."""
     net = copy.deepcopy(model)
     opt = make_optimizer("gsgd-compiled", net, lr)
-    times = []
+    before = graphs.compile_seconds()
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x[:batch]), y[:batch]).backward()
-        start = time.perf_counter()
         opt.step()
-        times.append(time.perf_counter() - start)
-    return times[0] - times[-1]
+    return graphs.compile_seconds() - before
 
 
 def measure(case: EpochCase, x: torch.Tensor, y: torch.Tensor, rounds: int, lr: float,
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad or "sgd" not in methods or args.rounds < 1:
         p.error(f"unknown models/methods {bad} (models: {list(CASES)}, methods: {METHODS}; "
                 "sgd is the baseline and must be included; --rounds >= 1)")
+    # as the runner does: denormal floats (which deep G-SGD-trained nets produce in float32)
+    # cost 10x and more per operation on x86 CPUs, for every method alike
+    torch.set_flush_denormal(True)
     data = load_dataset("mnist", val_size=0)
     x, y = data.train.x, data.train.y
     results = []
