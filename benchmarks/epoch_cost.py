@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=None,
                    help="batches per epoch (default: the whole MNIST training set)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as the demo's runs: with 2 threads on 2 "
+                        "shared cores the many small ops of a step oversubscribe them)")
     p.add_argument("--json", default="benchmarks/results/epoch_cost.json")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # as the runner does: denormal floats (which deep G-SGD-trained nets produce in float32)
     # cost 10x and more per operation on x86 CPUs, for every method alike
     torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
     data = load_dataset("mnist", val_size=0)
     x, y = data.train.x, data.train.y
     results = []
