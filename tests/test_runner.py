@@ -146,7 +146,8 @@ def test_metrics_have_one_line_per_epoch_with_all_fields(tmp_path, digits):
     train_run(config, spec, 0, tmp_path, digits, QUIET)
     lines = read_metrics(tmp_path)
     assert [x["epoch"] for x in lines] == [1, 2]
-    for key in ("lr", "train_loss", "train_acc", "val_acc", "test_acc", "val_loss", "time"):
+    for key in ("lr", "train_loss", "train_eval_loss", "train_eval_acc", "val_acc", "test_acc",
+                "val_loss", "time"):
         assert all(key in x for x in lines), key
     assert lines[1]["lr"] == pytest.approx(0.05 * torch.e ** -0.3)
 

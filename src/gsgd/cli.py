@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -96,8 +98,18 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str = "runs") -> N
                         "--no-resume starts them over")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (the one-line-per-epoch log stays)")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="start over only the runs whose spec (config) changed since they were "
+                        "trained; the others resume or are skipped as usual")
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many runs in parallel processes (default: %(default)s)")
+    _add_last_k(p)
+
+
+def _add_last_k(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--last-k", type=int, metavar="K",
+                   help="reports: 'final' numbers are the mean of each run's last K evaluated "
+                        "epochs (overrides [experiment] report_last_k; default 1)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -160,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild report.md and curves.png of a results directory")
     p.add_argument("dir", type=Path, help="an experiment directory, e.g. runs/demo")
+    _add_last_k(p)
 
     p = sub.add_parser("summary", help="print a model's G-structure")
     p.add_argument("config", type=Path, nargs="?", help="a TOML config (or use --widths)")
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="3 batches of one seed (a smoke test)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs trained in parallel processes (default: %(default)s)")
+    _add_last_k(p)
     return parser
 
 
@@ -190,8 +204,16 @@ def _options(args: argparse.Namespace):
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
     options = RunOptions(resume=args.resume,
                          progress=not args.quiet and sys.stderr.isatty() and jobs == 1,
-                         synthetic=getattr(args, "data", "real") == "synthetic", jobs=jobs)
+                         synthetic=getattr(args, "data", "real") == "synthetic", jobs=jobs,
+                         rerun_changed=getattr(args, "rerun_changed", False))
     return dry_run_options(options) if getattr(args, "dry_run", False) else options
+
+
+def _last_k(args: argparse.Namespace) -> int | None:
+    k = getattr(args, "last_k", None)
+    if k is not None and k < 1:
+        raise ConfigError(f"--last-k {k}: must be >= 1")
+    return k
 
 
 def _override(config: Config, args: argparse.Namespace) -> Config:
@@ -210,6 +232,9 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
         if args.threads < 0:
             raise ConfigError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
         exp = replace(exp, threads=args.threads)
+    last_k = _last_k(args)
+    if last_k is not None:
+        exp = replace(exp, report_last_k=last_k)
     config = replace(config, experiment=exp)
     if getattr(args, "dry_run", False):
         from gsgd.experiments.runner import dry_run_config
@@ -218,10 +243,27 @@ def _override(config: Config, args: argparse.Namespace) -> Config:
     return config
 
 
+def _check_paths(out: Path) -> None:
+    """Refuse an ``--out`` that is not a writable directory and a ``GSGD_DATA`` that is not a
+    directory, naming them (before anything is trained)."""
+    data = os.environ.get("GSGD_DATA")
+    if data and os.path.exists(data) and not os.path.isdir(data):
+        raise ConfigError(f"GSGD_DATA={data} is a file: point GSGD_DATA at a directory (the "
+                          "dataset cache), or unset it to use ~/.cache/gsgd")
+    existing = next((p for p in (out, *out.parents) if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory: give a "
+                          "directory for the results")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable: give a directory you can "
+                          "write to")
+
+
 def _out_dir(args: argparse.Namespace, config: Config, suffix: str = "") -> Path:
     """``--out``; for a dry run ``<out>/dry-run``, after clearing the directory the command
     writes (``<name><suffix>``) if an earlier dry run made it (anything else is refused)."""
     out = Path(args.out)
+    _check_paths(out)
     if getattr(args, "dry_run", False):
         from gsgd.experiments.runner import clear_dir
 
@@ -311,24 +353,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _cmd_run(args, config)
 
 
+def _natural_key(path: Path) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gsgd.experiments.report import write_group_report, write_report
 
-    d = args.dir
+    d, last_k = args.dir, _last_k(args)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such directory")
     if (d / "experiment.json").exists() or any(d.glob("*/seed*/spec.json")):
-        report = write_report(d)
+        report = write_report(d, last_k)
         print(report.read_text().rstrip())
         print(f"\nReport: {report}\nPlot:   {d / 'curves.png'}")
         return 0
-    variants = sorted(x for x in d.iterdir() if (x / "experiment.json").exists())
+    variants = sorted((x for x in d.iterdir() if (x / "experiment.json").exists()),
+                      key=_natural_key)  # e.g. widths 784-32-32-10 before 784-128-128-10
     if not variants:
         raise FileNotFoundError(f"{d}: no experiment found (expected experiment.json or "
                                 "<label>/seed<k>/ directories)")
     for v in variants:
-        write_report(v)
-    path = write_group_report(d, variants)
+        write_report(v, last_k)
+    path = write_group_report(d, variants, last_k)
     print(path.read_text().rstrip())
     return 0
 
@@ -357,6 +404,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gsgd.experiments.runner import dry_run_config, run_experiment
 
     config = demo_config(args.epochs, args.seeds)
+    if _last_k(args) is not None:
+        config = replace(config, experiment=replace(config.experiment,
+                                                    report_last_k=args.last_k))
     if args.dry_run:
         config = dry_run_config(config)
     out = _out_dir(args, config)
@@ -379,6 +429,38 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
+def _cli_words(text: str) -> str:
+    """A library message in the CLI's words, on one line."""
+    text = text.replace("pass root=DIR", "pass --data-root DIR (gsgd compare) or set "
+                        "[experiment] data_root = DIR in the config")
+    text = text.replace("(root=DIR,", "(--data-root DIR or [experiment] data_root,")
+    return " ".join(text.split())
+
+
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
+def _exit_status(exc: BaseException) -> int | None:
+    """2 for an error in what the user gave (config, flags, paths, environment), 1 for a runtime
+    failure (a damaged run file or dataset, a failed fetch, a busy directory); None: a bug (the
+    traceback is shown)."""
+    from gsgd.data import DatasetError, DataUnavailableError
+    from gsgd.experiments.files import DamagedRunFile
+    from gsgd.experiments.runner import DeviceUnavailable, SpecMismatch
+
+    if isinstance(exc, ConfigError | ForeignDirectoryError | SpecMismatch | DeviceUnavailable
+                  | DataUnavailableError):
+        return 2
+    if isinstance(exc, DirectoryBusy | DamagedRunFile | DatasetError):
+        return 1
+    if isinstance(exc, _PATH_ERRORS):  # a path the user gave, or its permissions
+        return 2
+    if isinstance(exc, OSError) and exc.filename is not None:  # e.g. a full disk
+        return 1
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gsgd`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -387,18 +469,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave SIGTERM alone
         before, installed = None, False
     try:
-        return _COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ForeignDirectoryError) as exc:
-        print(f"gsgd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except DirectoryBusy as exc:
-        print(f"gsgd {args.command}: error: {exc}", file=sys.stderr)
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:  # e.g. `gsgd summary | head`: the reader is gone, nothing to say
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return 1
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"\n{what}: rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        text = str(exc) if not isinstance(exc, OSError) or exc.filename is None \
+            else f"{exc.filename}: {exc.strerror}"
+        print(f"gsgd {args.command}: error: {_cli_words(text)}", file=sys.stderr)
+        return status
     finally:
         if installed:
             signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)

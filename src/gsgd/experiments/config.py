@@ -4,20 +4,29 @@ A config file has four parts (every key optional unless marked)::
 
     [experiment]   name (required), dataset (required), description, data_root, seeds, epochs,
                    batch_size, val_size, split_seed, eval_every, train_eval_size,
-                   eval_batch_size, checkpoint_every, device, dtype, threads
+                   eval_batch_size, checkpoint_every, device, dtype, threads, sweep_seeds,
+                   report_last_k
     [model]        kind ("mlp" | "plainnet" | "resnet"), widths (MLP: units per layer, input
                    first, classes last; CNN: channels per stage; a list of lists gives several
                    model variants), bias, depth, batchnorm, bn_mode, cut, shortcut
     [init]         skeleton, keep_sign, rescale = {base, low, high}
     [[optimizers]] name (required), lr (required), label, momentum, weight_decay, nesterov,
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
-                   and per optimizer: max_ratio, compile (gsgd), betas / eps (adam), c (enorm)
+                   and per optimizer: max_ratio, compile, on_nonfinite (gsgd), betas / eps
+                   (adam), c (enorm)
 
 The experiment ``name`` names its results directory ``<out>/<name>``: one path component of
 letters, digits and ``-_.``. Unknown keys and bad values raise :class:`ConfigError` naming the
 section, the key and what is allowed. Learning-rate schedules are per epoch: constant lr;
 ``exp``: lr * exp(-gamma * epoch) (the paper's MNIST setting, gamma = 0.01); ``step``:
 lr * factor ** (number of milestones <= epoch), epochs counted from 0.
+
+``gsgd sweep`` trains on ``sweep_seeds``, by default disjoint from the evaluation ``seeds``
+(:func:`sweep_seeds`: as many seeds as ``seeds``, counted up from :data:`SWEEP_SEED_BASE` = 1000
+and skipping the evaluation seeds), so that the lr is not chosen on the runs it is then judged
+by. ``report_last_k``: the reports' "final" numbers are the mean of each run's last k evaluated
+epochs (default 1: the last epoch). ``on_nonfinite`` (gsgd): "raise" (default; the run is
+recorded as diverged) or "skip" (a step with non-finite values is not taken, and counted).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "config_to_dict",
     "config_to_toml",
     "load_config",
+    "sweep_seeds",
 ]
 
 
@@ -70,6 +80,8 @@ OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # the registry's names, in its order
 SCHEDULES = ("constant", "exp", "step")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
+ON_NONFINITE = ("raise", "skip")
+SWEEP_SEED_BASE = 1000
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*$")
 # An experiment name is one path component under --out (it names the results directory).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -100,6 +112,8 @@ class ExperimentSection:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 0  # torch threads while training (0: leave torch's default)
+    sweep_seeds: tuple[int, ...] = ()  # () : disjoint from seeds, see sweep_seeds()
+    report_last_k: int = 1  # reports: "final" = mean of the last k evaluated epochs
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,7 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     compile: bool | str = "auto"
+    on_nonfinite: str = "raise"
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -209,6 +224,20 @@ class Config:
                 return spec
         raise KeyError(f"no optimizer labelled {label!r}; labels: "
                        f"{[s.label for s in self.optimizers]}")
+
+
+def sweep_seeds(exp: ExperimentSection) -> tuple[int, ...]:
+    """The seeds of ``gsgd sweep``: ``exp.sweep_seeds`` when given, else ``len(exp.seeds)``
+    seeds counted up from :data:`SWEEP_SEED_BASE`, skipping the evaluation seeds."""
+    if exp.sweep_seeds:
+        return exp.sweep_seeds
+    out: list[int] = []
+    seed = SWEEP_SEED_BASE
+    while len(out) < len(exp.seeds):
+        if seed not in exp.seeds:
+            out.append(seed)
+        seed += 1
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- checkers
@@ -375,6 +404,8 @@ _EXPERIMENT_KEYS: dict[str, Check] = {
     "device": _choice(DEVICES),
     "dtype": _choice(DTYPES),
     "threads": _int_at_least(0),
+    "sweep_seeds": _seeds,
+    "report_last_k": _int_at_least(1),
 }
 _MODEL_KEYS: dict[str, Check] = {
     "kind": _choice(MODEL_KINDS),
@@ -412,6 +443,7 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "betas": _betas,
     "eps": _number(0.0, open_low=True),
     "compile": _compile_choice,
+    "on_nonfinite": _choice(ON_NONFINITE),
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if not any(k in r.keys for r in OPTIMIZERS.values()))
@@ -465,6 +497,15 @@ def _model(table: Any, dataset: str) -> ModelSection:
             raise ConfigError("[model] shortcut: only for kind = 'resnet'")
         if model.cut and model.kind != "plainnet":
             raise ConfigError("[model] cut: only for kind = 'plainnet'")
+        from gsgd.models.cnn import stage_layout
+
+        stages = len(stage_layout(model.depth)[0])
+        for profile in model.variants if model.widths else ():
+            if len(profile) != stages:
+                raise ConfigError(
+                    f"[model] widths = {list(profile)}: a {model.kind} of depth {model.depth} "
+                    f"has {stages} stages; give one channel count per stage (--widths "
+                    f"{','.join(['C'] * stages)} on the command line)")
     return model
 
 
@@ -546,6 +587,14 @@ def load_config(path: str | Path) -> Config:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file: give a .toml file (e.g. "
+                          "configs/mnist_mlp_short.toml)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start}): give a "
+                          "TOML config") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

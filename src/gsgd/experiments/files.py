@@ -27,12 +27,14 @@ from gsgd._process import stale_entries
 __all__ = [
     "LOCK_NAME",
     "TEMP_NAME",
+    "DamagedRunFile",
     "DirectoryBusy",
     "ForeignDirectoryError",
     "append_json_line",
     "atomic_open",
     "atomic_write_text",
     "hold_lock",
+    "read_json",
     "remove_stale_temp_files",
 ]
 
@@ -46,6 +48,21 @@ class DirectoryBusy(RuntimeError):
 
 class ForeignDirectoryError(RuntimeError):
     """A directory the runner would write into, or clear, is not one it made."""
+
+
+class DamagedRunFile(RuntimeError):
+    """A file the runner wrote (spec.json, final.json, checkpoint.pt) cannot be read back; the
+    message names it and what to do."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``; :class:`DamagedRunFile` naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedRunFile(
+            f"{path} is damaged (not JSON: {exc}); delete it (and the run's other files, or "
+            "rerun with --no-resume) to train that run again") from None
 
 
 @contextmanager

@@ -61,7 +61,7 @@ def step_compiled(spec: OptimizerSpec, model: nn.Module) -> bool:
 
 def _gsgd(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
     return GSGD(model, **_sgd_like(spec), max_ratio=spec.max_ratio,
-                compile=step_compiled(spec, model), **extra)
+                compile=step_compiled(spec, model), on_nonfinite=spec.on_nonfinite, **extra)
 
 
 def _sgd(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -86,7 +86,8 @@ def _registry(*records: OptimizerRecord) -> dict[str, OptimizerRecord]:
 
 
 OPTIMIZERS: dict[str, OptimizerRecord] = _registry(
-    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile"), needs_structure=True),
+    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile", "on_nonfinite"),
+                    needs_structure=True),
     OptimizerRecord("sgd", "SGD", _sgd),
     OptimizerRecord("pathsgd", "Path-SGD", _pathsgd, needs_structure=True),
     OptimizerRecord("enorm", "ENorm", _enorm, ("c",), needs_structure=True),

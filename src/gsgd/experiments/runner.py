@@ -3,9 +3,11 @@
 One run = (config, optimizer spec, seed), stored in ``<exp_dir>/<label>/seed<k>/``:
 
 * ``spec.json``     what the run is (a rerun with a different spec into the same place is refused);
-* ``metrics.jsonl`` one JSON line per epoch (train loss = mean over the epoch's batches, train
-  accuracy on a fixed subset of ``train_eval_size`` examples, val / test loss and accuracy, lr,
-  seconds), flushed and fsync'ed; a diverged run ends with a line ``{"diverged": true, ...}``;
+* ``metrics.jsonl`` one JSON line per epoch, flushed and fsync'ed: ``train_loss`` = the mean of
+  the minibatch losses optimised in the epoch; ``train_eval_loss`` / ``train_eval_acc`` = eval
+  mode on a fixed subset of ``train_eval_size`` training examples; val / test loss and accuracy,
+  lr, seconds. A diverged run ends with a line ``{"diverged": true, "reason": ...}``: its
+  training loss or optimizer step turned non-finite, or an evaluated loss did;
 * ``checkpoint.pt`` model, optimizer and RNG states, epoch, batch index, loss so far and the
   metrics history, written atomically (temp file + ``os.replace``) at every epoch end and every
   ``checkpoint_every`` batches;
@@ -52,17 +54,25 @@ from gsgd.data import DatasetSplits, iterate_batches, num_batches
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
 from gsgd.experiments.files import (
+    DamagedRunFile,
     DirectoryBusy,
     ForeignDirectoryError,
     append_json_line,
     atomic_open,
     atomic_write_text,
     hold_lock,
+    read_json,
     remove_stale_temp_files,
 )
 from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.optimizers import build_optimizer
-from gsgd.experiments.report import write_group_report, write_report
+from gsgd.experiments.report import (
+    best_val_epoch,
+    nonfinite_losses,
+    upgrade_record,
+    write_group_report,
+    write_report,
+)
 from gsgd.graphs import compile_seconds
 from gsgd.group import random_rescale, skeleton_init
 from gsgd.optim import GSGD
@@ -70,10 +80,13 @@ from gsgd.optim.common import NonFiniteError, PlainParametersWarning
 
 __all__ = [
     "DRY_RUN_MARKER",
+    "DamagedRunFile",
+    "DeviceUnavailable",
     "DirectoryBusy",
     "ForeignDirectoryError",
     "RunInterrupted",
     "RunOptions",
+    "SpecMismatch",
     "clear_dir",
     "evaluate",
     "experiment_dir",
@@ -83,6 +96,7 @@ __all__ = [
     "torch_threads",
     "run_dir_for",
     "run_experiment",
+    "run_tasks",
     "train_run",
 ]
 
@@ -93,6 +107,14 @@ _RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "final.json")  # written after s
 
 class RunInterrupted(RuntimeError):
     """Raised by ``RunOptions.stop_after_batches``: simulates a kill (nothing extra is saved)."""
+
+
+class SpecMismatch(ValueError):
+    """A run directory holds a run with another spec; the message names it and the fixes."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """The configured device is not available here."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,7 @@ class RunOptions:
     allow_cpu_fallback: bool = False  # dry runs: device "cuda" runs on the CPU when absent
     jobs: int = 1  # runs trained in parallel worker processes
     dry_run: bool = False  # mark the experiment directory as a dry run's (clear_dir removes it)
+    rerun_changed: bool = False  # a run whose spec changed is started over, not refused
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -123,8 +146,8 @@ def resolve_device(name: str, allow_cpu_fallback: bool = False) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         if allow_cpu_fallback:
             return torch.device("cpu")
-        raise RuntimeError("[experiment] device = 'cuda' but CUDA is not available here; use "
-                           "device = 'cpu' or 'auto'")
+        raise DeviceUnavailable("device 'cuda' (--device or [experiment] device) but CUDA is "
+                                "not available here: use --device cpu or --device auto")
     return torch.device(name)
 
 
@@ -182,17 +205,25 @@ def prepare_model(config: Config, seed: int, data: DatasetSplits):
     return model, structure
 
 
+# [experiment] keys that do not change a run's numbers (``epochs``: a run can be extended).
+_NOT_IN_SPEC = ("name", "description", "seeds", "sweep_seeds", "epochs", "eval_every",
+                "checkpoint_every", "device", "threads", "report_last_k")
+# Optimizer keys added after runs were recorded: in spec.json only when not at their default,
+# so that the spec.json of an earlier run still matches.
+_LATER_OPTIMIZER_KEYS = {"on_nonfinite": "raise"}
+_NO_DEFAULT = object()
+
+
 def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
               options: RunOptions) -> dict:
     """What determines a run's numbers (epochs excluded: a finished run can be extended)."""
     cfg = config_to_dict(config)
-    exp = {k: v for k, v in cfg["experiment"].items()
-           if k not in ("name", "description", "seeds", "epochs", "eval_every",
-                        "checkpoint_every", "device", "threads")}
+    exp = {k: v for k, v in cfg["experiment"].items() if k not in _NOT_IN_SPEC}
     return {
         "experiment": exp, "model": cfg["model"], "init": cfg["init"],
         "optimizer": {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in asdict(spec).items() if k != "sweep"},
+                      for k, v in asdict(spec).items()
+                      if k != "sweep" and _LATER_OPTIMIZER_KEYS.get(k, _NO_DEFAULT) != v},
         "seed": seed, "data": data_name,
         "limits": {"max_batches_per_epoch": options.max_batches_per_epoch,
                    "eval_limit": options.eval_limit, "evaluate_test": options.evaluate_test},
@@ -202,7 +233,9 @@ def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
 # --------------------------------------------------------------------------- one run
 
 
-def _check_spec(run_dir: Path, spec: dict) -> None:
+def _check_spec(run_dir: Path, spec: dict, rerun_changed: bool = False) -> None:
+    """Write ``spec.json``, or check that the one there is ``spec``; ``rerun_changed``: a run
+    with another spec is cleared (and so trained again) instead of refused."""
     path = run_dir / "spec.json"
     if not path.exists():
         found = [name for name in _RUN_FILES if (run_dir / name).exists()]
@@ -211,14 +244,32 @@ def _check_spec(run_dir: Path, spec: dict) -> None:
                 f"{run_dir} holds {', '.join(found)} but no spec.json, so not a gsgd run; "
                 "nothing was changed: move them away or use another --out")
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != spec:
+        old = read_json(path)
+        if old != spec and rerun_changed:
+            _clear_run(run_dir)
+            atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+        elif old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            raise ValueError(
-                f"{run_dir} holds a run with a different spec (differs in {diff}); rerun with "
-                "--no-resume to start it over, or choose another --out")
+            raise SpecMismatch(
+                f"{run_dir} holds a run with a different spec (differs in {diff}): rerun with "
+                "--rerun-changed to start over only the runs whose spec changed (--no-resume "
+                "starts every run over), or choose another --out")
     else:
         atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """``checkpoint.pt``; :class:`DamagedRunFile` naming it when it cannot be read (truncated
+    by a full disk or a copy, not written by the runner: its own writes are atomic)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise DamagedRunFile(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "delete it to restart that run from scratch, or rerun with --no-resume") from None
+    if not isinstance(ckpt, dict):
+        raise DamagedRunFile(f"{path} is not a gsgd checkpoint; delete it to restart that run")
+    return ckpt
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -230,28 +281,29 @@ def _clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _clip_total(optimizer: torch.optim.Optimizer) -> int | None:
-    counts = getattr(optimizer, "clip_counts", None)
+def _total(optimizer: torch.optim.Optimizer, counter: str) -> int | None:
+    """The sum of ``optimizer.<counter>()`` (clip_counts, skipped_steps), None without one."""
+    counts = getattr(optimizer, counter, None)
     return int(sum(counts())) if callable(counts) else None
 
 
 def _final_summary(history: list[dict], label: str, spec: OptimizerSpec, seed: int,
                    epochs: int) -> dict:
+    """final.json: status, the last evaluated epoch, the best-validation epoch and the test
+    accuracy there (nothing is selected on the test split)."""
     diverged = [h for h in history if h.get("diverged")]
     done = [h for h in history if not h.get("diverged")]
     evaluated = [h for h in done if h.get("val_acc") is not None]
-
-    def best(key: str) -> float | None:
-        vals = [h[key] for h in evaluated if h.get(key) is not None]
-        return max(vals) if vals else None
-
+    best = best_val_epoch(evaluated)
     return {
         "label": label, "optimizer": spec.name, "lr": spec.describe_lr(), "seed": seed,
         "status": "diverged" if diverged else "finished",
         "reason": diverged[0]["reason"] if diverged else None,
         "epochs": len(done), "epochs_planned": epochs,
         "final": evaluated[-1] if evaluated else None,
-        "best_val_acc": best("val_acc"), "best_test_acc": best("test_acc"),
+        "best_val_acc": best["val_acc"] if best else None,
+        "best_val_epoch": best["epoch"] if best else None,
+        "test_acc_at_best_val": best.get("test_acc") if best else None,
         "time_per_epoch": (sum(h["time"] for h in done) / len(done)) if done else None,
     }
 
@@ -262,8 +314,8 @@ def _epoch_line(label: str, seed: int, rec: dict, epochs: int) -> str:
         return "  -  " if v is None else f"{100 * v:5.2f}%"
 
     return (f"{label} seed{seed} epoch {rec['epoch']}/{epochs}: lr {rec['lr']:.4g} "
-            f"loss {rec['train_loss']:.4f} train {pct('train_acc')} val {pct('val_acc')} "
-            f"test {pct('test_acc')} ({rec['time']:.1f} s)")
+            f"train loss {rec['train_loss']:.4f} train-eval {pct('train_eval_acc')} "
+            f"val {pct('val_acc')} test {pct('test_acc')} ({rec['time']:.1f} s)")
 
 
 def train_run(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
@@ -286,16 +338,17 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
     exp = config.experiment
     if not options.resume:
         _clear_run(run_dir)
-    _check_spec(run_dir, _run_spec(config, spec, seed, data.name, options))
+    _check_spec(run_dir, _run_spec(config, spec, seed, data.name, options),
+                options.rerun_changed)
     final_path, ckpt_path, metrics_path = (run_dir / "final.json", run_dir / "checkpoint.pt",
                                            run_dir / "metrics.jsonl")
     if final_path.exists():
-        final = json.loads(final_path.read_text())
+        final = read_json(final_path)
         if final["status"] == "diverged" or final["epochs_planned"] == exp.epochs:
             return final
         if final["epochs"] > exp.epochs:
-            raise ValueError(f"{run_dir} already ran {final['epochs']} epochs, more than "
-                             f"epochs = {exp.epochs}; use --no-resume or another --out")
+            raise SpecMismatch(f"{run_dir} already ran {final['epochs']} epochs, more than "
+                               f"epochs = {exp.epochs}: use --no-resume or another --out")
         final_path.unlink()  # extend a finished run to more epochs
 
     device = resolve_device(exp.device, options.allow_cpu_fallback)
@@ -315,7 +368,7 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
     train_x, train_y = to_device(data.train, None)
     limit = options.eval_limit
     sub = exp.train_eval_size if limit is None else min(exp.train_eval_size, limit)
-    evals = {"train": to_device(data.train, sub), "val": to_device(data.val, limit)}
+    evals = {"train_eval": to_device(data.train, sub), "val": to_device(data.val, limit)}
     if options.evaluate_test:
         evals["test"] = to_device(data.test, limit)
 
@@ -325,18 +378,19 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
     state = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "loss_count": 0, "elapsed": 0.0,
              "history": [], "gen_state": generator.get_state()}
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = _load_checkpoint(ckpt_path)
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{ckpt_path}: unknown checkpoint version {ckpt.get('version')}")
+            raise DamagedRunFile(f"{ckpt_path}: unknown checkpoint version "
+                                 f"{ckpt.get('version')}; delete it to restart that run")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {k: ckpt[k] for k in state}
         generator.set_state(state["gen_state"])
         if state["epoch"] > exp.epochs:
-            raise ValueError(f"{ckpt_path} is at epoch {state['epoch']}, past epochs = "
-                             f"{exp.epochs}; use --no-resume or another --out")
-    history: list[dict] = state["history"]
+            raise SpecMismatch(f"{ckpt_path} is at epoch {state['epoch']}, past epochs = "
+                               f"{exp.epochs}: use --no-resume or another --out")
+    history: list[dict] = [upgrade_record(h) for h in state["history"]]  # today's names
     atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     def checkpoint(epoch: int, batch: int, gen_state: torch.Tensor, loss_sum: float,
@@ -420,9 +474,19 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                     rec[f"{name}_loss"], rec[f"{name}_acc"] = evaluate(
                         model, x, y, exp.eval_batch_size)
             rec["eval_time"] = time.perf_counter() - t1
-            clipped = _clip_total(optimizer)
-            if clipped is not None:
-                rec["clipped"] = clipped
+            for counter, key in (("clip_counts", "clipped"), ("skipped_steps", "skipped_steps")):
+                total = _total(optimizer, counter)
+                if total is not None:
+                    rec[key] = total
+            bad = nonfinite_losses(rec)
+            if bad:  # the model is of no use: a diverged run, not a result
+                rec.update(diverged=True, reason=f"non-finite {', '.join(bad)} (eval mode) "
+                                                 f"after epoch {epoch + 1}")
+                history.append(rec)
+                append_json_line(metrics_path, rec)
+                (tqdm.write if options.progress else log)(
+                    f"{spec.label} seed{seed} DIVERGED after epoch {epoch + 1}: {rec['reason']}")
+                break
             history.append(rec)
             checkpoint(epoch + 1, 0, generator.get_state(), 0.0, 0, 0.0)
             append_json_line(metrics_path, rec)
@@ -444,6 +508,8 @@ def _write_experiment_json(exp_dir: Path, config: Config, variant: str,
             "description": config.experiment.description,
             "dataset": config.experiment.dataset, "data": data.splits.name,
             "synthetic": data.synthetic, "note": data.note,
+            "num_classes": data.splits.num_classes,
+            "sizes": {k: len(getattr(data.splits, k).y) for k in ("train", "val", "test")},
             "labels": [s.label for s in config.optimizers],
             "optimizers": {s.label: s.name for s in config.optimizers},
             "config": config_to_dict(config)}
@@ -520,18 +586,31 @@ def run_experiment(config: Config, out_dir: Path, options: RunOptions | None = N
             dirs.append(exp_dir)
             tasks += [(cfg, spec, seed, run_dir_for(exp_dir, spec.label, seed))
                       for spec in cfg.optimizers for seed in cfg.experiment.seeds]
-        if options.jobs == 1:
-            for cfg, spec, seed, run_dir in tasks:
-                with torch_threads(cfg.experiment.threads):
-                    train_run(cfg, spec, seed, run_dir, data.splits, options)
-        else:
-            _run_in_workers(tasks, options, given)
+        run_tasks(tasks, options, data, given)
         if report:
             for exp_dir in dirs:
                 write_report(exp_dir)
             if len(dirs) > 1:
                 write_group_report(base, dirs)
     return dirs
+
+
+Task = tuple[Config, OptimizerSpec, int, Path]
+"""One run: (single-model config, optimizer spec, seed, run directory)."""
+
+
+def run_tasks(tasks: list[Task], options: RunOptions, data: ExperimentData,
+              given: ExperimentData | None = None) -> list[dict]:
+    """Train ``tasks`` (in this process, or in ``options.jobs`` workers); return their
+    ``final.json`` summaries in task order. ``given``: the data the caller passed in (workers
+    load their own otherwise)."""
+    if options.jobs == 1:
+        finals = []
+        for cfg, spec, seed, run_dir in tasks:
+            with torch_threads(cfg.experiment.threads):
+                finals.append(train_run(cfg, spec, seed, run_dir, data.splits, options))
+        return finals
+    return _run_in_workers(tasks, options, given)
 
 
 def _worker_run(cfg: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
@@ -573,7 +652,8 @@ def _stop_pool(pool) -> None:
         manager.join(max(0.0, deadline - time.monotonic()))
 
 
-def _run_in_workers(tasks: list, options: RunOptions, data: ExperimentData | None) -> None:
+def _run_in_workers(tasks: list[Task], options: RunOptions, data: ExperimentData | None
+                    ) -> list[dict]:
     """Train ``tasks`` in ``options.jobs`` spawned processes (runs are independent and each is
     deterministic, so the results equal a sequential run's); one-line-per-epoch logs only.
 
@@ -598,6 +678,7 @@ def _run_in_workers(tasks: list, options: RunOptions, data: ExperimentData | Non
         _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
+    return [future.result() for future in futures]
 
 
 def dry_run_config(config: Config, batch_size: int = 8) -> Config:
@@ -605,6 +686,7 @@ def dry_run_config(config: Config, batch_size: int = 8) -> Config:
     every 2 batches (so the mid-epoch checkpoint path runs too), and ``compile = "auto"``
     eager (a dry run checks the pipeline in seconds; the compiler would take longer)."""
     exp = replace(config.experiment, epochs=1, seeds=config.experiment.seeds[:1],
+                  sweep_seeds=config.experiment.sweep_seeds[:1],
                   batch_size=min(config.experiment.batch_size, batch_size), checkpoint_every=2,
                   eval_every=1)
     specs = tuple(replace(s, compile=False) if s.compile == "auto" else s
