@@ -109,6 +109,18 @@ def test_compare_runs_an_adhoc_comparison(tmp_path, capsys):
     assert (tmp_path / "compare-digits-mlp" / "report.md").exists()
 
 
+def test_compare_offers_gadam_and_the_pathcond_init(tmp_path, capsys):
+    args = ["compare", "--dataset", "digits", "--widths", "64,16,10", "--optimizers",
+            "sgd,gadam", "--lr", "0.05,0.001", "--epochs", "1", "--seeds", "0", "--pathcond",
+            "--out", str(tmp_path), "--quiet", "--batch-size", "256"]
+    assert main(args) == 0
+    assert "| G-Adam | 0.001 |" in capsys.readouterr().out
+    for label in ("SGD", "G-Adam"):
+        final = json.loads((tmp_path / "compare-digits-mlp" / label / "seed0" /
+                            "final.json").read_text())
+        assert final["status"] == "finished" and final["pathcond"]["sweeps"] > 0
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--optimizers", "gsgd,rmsprop"], "unknown ['rmsprop']"),
     (["--optimizers", "gsgd,sgd", "--lr", "0.1,0.2,0.3"], "one lr or one per optimizer"),

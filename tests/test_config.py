@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gsgd.experiments.config import (
+    ADAM_FAMILY,
     OPTIMIZER_NAMES,
     ConfigError,
     OptimizerSpec,
@@ -230,13 +231,16 @@ def test_build_optimizer_sets_lr_momentum_weight_decay(name):
     from gsgd.discovery import discover
 
     model = mlp([6, 5, 5, 3], bias=True, seed=0)
-    spec = OptimizerSpec(name, 0.05, momentum=0.0 if name == "adam" else 0.5, weight_decay=1e-4)
+    adam = name in ADAM_FAMILY
+    spec = OptimizerSpec(name, 0.05, momentum=0.0 if adam else 0.5, weight_decay=1e-4)
     opt = build_optimizer(spec, model, discover(model))
     assert isinstance(opt, torch.optim.Optimizer)
     group = opt.param_groups[0]
     assert group["lr"] == 0.05 and group["weight_decay"] == 1e-4
-    if name != "adam":
+    if not adam:
         assert group["momentum"] == 0.5
+    if name.startswith("gadam"):
+        assert group["decoupled_weight_decay"] is (name == "gadamw")
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(list(model.parameters()))
     # one step runs and changes the weights

@@ -16,7 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
 REQUIRED = ("mnist_mlp_paper", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd_balanced",
             "pathsgd_unbalanced", "fashion_plainnet", "fashion_resnet20",
-            "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu")
+            "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu", "mnist_adam_family",
+            "mnist_adam_family_short")
 
 
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gsgd.experiments.config import (
+    ADAM_FAMILY,
     DATASET_SHAPES,
     MODEL_KINDS,
     SCHEDULES,
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skeleton", action=argparse.BooleanOptionalAction, default=True,
                    help="the paper's skeleton init for every optimizer (default on)")
+    p.add_argument("--pathcond", action=argparse.BooleanOptionalAction, default=False,
+                   help="PathCond (gsgd.pathcond, function-preserving) after the init, for "
+                        "every optimizer (default off; a config file can ask for it per "
+                        "optimizer)")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="rebuild report.md and curves.png of a results directory")
@@ -323,7 +328,7 @@ def _compare_config(args: argparse.Namespace) -> Config:
             entry["gamma"] = args.gamma
         if args.schedule == "step":
             raise ConfigError("--schedule step: use a config file (milestones, factor)")
-        if name == "adam":
+        if name in ADAM_FAMILY:
             entry.pop("momentum")
         opts.append(entry)
     model = _model_table(args)
@@ -333,7 +338,7 @@ def _compare_config(args: argparse.Namespace) -> Config:
                        "batch_size": args.batch_size,
                        "seeds": args.seeds or [0], "epochs": args.epochs or 3},
         "model": model,
-        "init": {"skeleton": args.skeleton},
+        "init": {"skeleton": args.skeleton, "pathcond": args.pathcond},
         "optimizers": opts,
     })
 

@@ -9,11 +9,12 @@ A config file has four parts (every key optional unless marked)::
     [model]        kind ("mlp" | "plainnet" | "resnet"), widths (MLP: units per layer, input
                    first, classes last; CNN: channels per stage; a list of lists gives several
                    model variants), bias, depth, batchnorm, bn_mode, cut, shortcut
-    [init]         skeleton, keep_sign, rescale = {base, low, high}
+    [init]         skeleton, keep_sign, rescale = {base, low, high}, pathcond
     [[optimizers]] name (required), lr (required), label, momentum, weight_decay, nesterov,
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
-                   and per optimizer: max_ratio, compile, on_nonfinite (gsgd), betas / eps
-                   (adam), c (enorm)
+                   pathcond, and per optimizer: max_ratio, compile, on_nonfinite, bp_norm
+                   (gsgd), betas / eps (adam), betas / eps / amsgrad / decay_carriers /
+                   bp_norm / max_ratio / on_nonfinite (gadam, gadamw), c (enorm)
 
 The experiment ``name`` names its results directory ``<out>/<name>``: one path component of
 letters, digits and ``-_.``. Unknown keys and bad values raise :class:`ConfigError` naming the
@@ -27,6 +28,14 @@ and skipping the evaluation seeds), so that the lr is not chosen on the runs it 
 by. ``report_last_k``: the reports' "final" numbers are the mean of each run's last k evaluated
 epochs (default 1: the last epoch). ``on_nonfinite`` (gsgd): "raise" (default; the run is
 recorded as diverged) or "skip" (a step with non-finite values is not taken, and counted).
+
+PathCond (:func:`gsgd.pathcond`, a function-preserving rescaling of every G-block) at the start:
+``[init] pathcond = true`` applies it for every optimizer, after the skeleton init and the
+rescaling; ``pathcond = true`` in one ``[[optimizers]]`` entry applies it to that optimizer's
+model copy only (after the common init: "SGD + PathCond" beside plain "Adam" in one experiment).
+Either way every optimizer starts from the same function. ``bp_norm = [lam_pos, lam_neg]``
+(gsgd, gadam, gadamw): the weights of the basis-path-norm regulariser (our design, see
+:class:`gsgd.optim.GSGD`); default [0, 0], off.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Any
 from gsgd.experiments.optimizers import OPTIMIZERS
 
 __all__ = [
+    "ADAM_FAMILY",
     "DATASET_SHAPES",
     "NAME_RULE",
     "OPTIMIZER_NAMES",
@@ -158,6 +168,7 @@ class InitSection:
     skeleton: bool = True
     keep_sign: bool = False
     rescale: RescaleSpec | None = None
+    pathcond: bool = False  # gsgd.pathcond after skeleton / rescale, for every optimizer
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,10 @@ class OptimizerSpec:
     eps: float = 1e-8
     compile: bool | str = "auto"
     on_nonfinite: str = "raise"
+    bp_norm: tuple[float, float] = (0.0, 0.0)
+    amsgrad: bool = False
+    decay_carriers: bool = False
+    pathcond: bool = False  # gsgd.pathcond on this optimizer's model copy, after the init
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -378,6 +393,14 @@ def _betas(v: Any) -> tuple[float, float]:
     return (b(v[0]), b(v[1]))
 
 
+def _bp_norm(v: Any) -> tuple[float, float]:
+    if not (isinstance(v, list) and len(v) == 2
+            and all(_is_num(x) and math.isfinite(x) and x >= 0 for x in v)):
+        raise _Bad("must be a list of two finite numbers >= 0 [lam_pos, lam_neg] (the "
+                   "basis-path-norm regulariser's weights; [0, 0]: off)")
+    return (float(v[0]), float(v[1]))
+
+
 def _milestones(v: Any) -> tuple[int, ...]:
     ms = _list_of(_int_at_least(1), "integers >= 1", nonempty=False)(v)
     if list(ms) != sorted(set(ms)):
@@ -425,6 +448,7 @@ _RESCALE_KEYS: dict[str, Check] = {
 _INIT_KEYS: dict[str, Check] = {
     "skeleton": _boolean,
     "keep_sign": _boolean,
+    "pathcond": _boolean,
 }
 _OPTIMIZER_KEYS: dict[str, Check] = {
     "name": _choice(OPTIMIZER_NAMES),
@@ -444,6 +468,10 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "eps": _number(0.0, open_low=True),
     "compile": _compile_choice,
     "on_nonfinite": _choice(ON_NONFINITE),
+    "bp_norm": _bp_norm,
+    "amsgrad": _boolean,
+    "decay_carriers": _boolean,
+    "pathcond": _boolean,
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if not any(k in r.keys for r in OPTIMIZERS.values()))
@@ -524,7 +552,10 @@ def _init(table: Any) -> InitSection:
                                   allowed=allowed), rescale=rescale)
 
 
-def _optimizer(table: Any, k: int) -> OptimizerSpec:
+ADAM_FAMILY = ("adam", "gadam", "gadamw")  # no momentum / nesterov keys: betas instead
+
+
+def _optimizer(table: Any, k: int, init: InitSection) -> OptimizerSpec:
     section = f"optimizers #{k + 1}"
     if isinstance(table, dict) and table.get("name") in OPTIMIZERS:
         section = f"optimizers #{k + 1} ({table['name']})"
@@ -532,15 +563,20 @@ def _optimizer(table: Any, k: int) -> OptimizerSpec:
     else:
         allowed = tuple(_OPTIMIZER_KEYS)
     values = _section(table, section, _OPTIMIZER_KEYS, required=("name", "lr"), allowed=allowed)
-    values.setdefault("label", OPTIMIZERS[values["name"]].label)
+    if values.get("pathcond") and init.pathcond:
+        raise ConfigError(f"[{section}] pathcond: [init] pathcond = true already applies "
+                          "PathCond for every optimizer")
+    values.setdefault("label", OPTIMIZERS[values["name"]].label
+                      + ("+PathCond" if values.get("pathcond") else ""))
     if not _LABEL_RE.match(values["label"]):
         raise ConfigError(f"[{section}] label = {values['label']!r}: use letters, digits and "
                           "._@=+- (it names a directory)")
     spec = OptimizerSpec(**values)
     if spec.nesterov and spec.momentum <= 0:
         raise ConfigError(f"[{section}] nesterov = true needs momentum > 0")
-    if spec.name == "adam" and spec.momentum:
-        raise ConfigError(f"[{section}] momentum: Adam has no momentum key, use betas")
+    if spec.name in ADAM_FAMILY and spec.momentum:
+        raise ConfigError(f"[{section}] momentum: {OPTIMIZERS[spec.name].label} has no "
+                          "momentum key, use betas")
     if spec.lr_schedule == "exp" and "gamma" not in values:
         raise ConfigError(f"[{section}]: lr_schedule = 'exp' needs gamma (lr*exp(-gamma*epoch))")
     if spec.lr_schedule == "step" and not spec.milestones:
@@ -570,7 +606,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if not isinstance(raw_opts, list) or not raw_opts:
         raise ConfigError("missing [[optimizers]]: give at least one [[optimizers]] table with "
                           f"name (one of {', '.join(OPTIMIZER_NAMES)}) and lr")
-    optimizers = tuple(_optimizer(t, k) for k, t in enumerate(raw_opts))
+    optimizers = tuple(_optimizer(t, k, init) for k, t in enumerate(raw_opts))
     labels = [o.label for o in optimizers]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

@@ -2,9 +2,11 @@
 
 ``gsgd`` -> :class:`gsgd.optim.GSGD`, ``sgd`` -> ``torch.optim.SGD``, ``pathsgd`` ->
 :class:`gsgd.optim.PathSGD`, ``enorm`` -> :class:`gsgd.optim.ENormSGD`, ``adam`` ->
-``torch.optim.Adam``. Config validation (names, default labels, per-optimizer keys), the CLI and
-:func:`build_optimizer` all read this one registry. All start at the spec's base lr; the runner
-sets each epoch's lr.
+``torch.optim.Adam``, ``gadam`` / ``gadamw`` -> :class:`gsgd.optim.GAdam` /
+:class:`gsgd.optim.GAdamW` (Adam / AdamW in G-space, eager). Config validation (names, default
+labels, per-optimizer keys), the CLI and :func:`build_optimizer` all read this one registry. All
+start at the spec's base lr; the runner sets each epoch's lr. ``weight_decay`` is the common key
+(GAdamW: decoupled, default 0 as for every optimizer here, not GAdamW's own 1e-2).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from gsgd.graphs import compiler_works
-from gsgd.optim import GSGD, ENormSGD, PathSGD
+from gsgd.optim import GSGD, ENormSGD, GAdam, GAdamW, PathSGD
 from gsgd.structure import Structure
 
 if TYPE_CHECKING:  # config.py reads OPTIMIZERS, so the spec's type is imported for hints only
@@ -61,7 +63,8 @@ def step_compiled(spec: OptimizerSpec, model: nn.Module) -> bool:
 
 def _gsgd(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
     return GSGD(model, **_sgd_like(spec), max_ratio=spec.max_ratio,
-                compile=step_compiled(spec, model), on_nonfinite=spec.on_nonfinite, **extra)
+                compile=step_compiled(spec, model), on_nonfinite=spec.on_nonfinite,
+                bp_norm=spec.bp_norm, **extra)
 
 
 def _sgd(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -81,17 +84,31 @@ def _adam(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
                             weight_decay=spec.weight_decay)
 
 
+def _gadam(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    cls = GAdamW if spec.name == "gadamw" else GAdam
+    return cls(model, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+               weight_decay=spec.weight_decay, amsgrad=spec.amsgrad,
+               decay_carriers=spec.decay_carriers, bp_norm=spec.bp_norm,
+               max_ratio=spec.max_ratio, on_nonfinite=spec.on_nonfinite, **extra)
+
+
+_GADAM_KEYS = ("betas", "eps", "amsgrad", "decay_carriers", "bp_norm", "max_ratio",
+               "on_nonfinite")
+
+
 def _registry(*records: OptimizerRecord) -> dict[str, OptimizerRecord]:
     return {r.name: r for r in records}
 
 
 OPTIMIZERS: dict[str, OptimizerRecord] = _registry(
-    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile", "on_nonfinite"),
+    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile", "on_nonfinite", "bp_norm"),
                     needs_structure=True),
     OptimizerRecord("sgd", "SGD", _sgd),
     OptimizerRecord("pathsgd", "Path-SGD", _pathsgd, needs_structure=True),
     OptimizerRecord("enorm", "ENorm", _enorm, ("c",), needs_structure=True),
     OptimizerRecord("adam", "Adam", _adam, ("betas", "eps")),
+    OptimizerRecord("gadam", "G-Adam", _gadam, _GADAM_KEYS, needs_structure=True),
+    OptimizerRecord("gadamw", "G-AdamW", _gadam, _GADAM_KEYS, needs_structure=True),
 )
 """name -> record, in the order configs and the CLI list them."""
 

@@ -26,7 +26,11 @@ from a ``torch.Generator`` seeded with the seed, and the generator state at the 
 epoch is checkpointed, so a resumed run replays the same batches (``iterate_batches(start=k)``)
 and ends with bit-identical metrics. The init is the same for every optimizer: the paper's
 skeleton init (designated weights := 1) when ``[init] skeleton``, then the optional random
-rescaling, so SGD from the skeleton init is the fair control.
+rescaling, so SGD from the skeleton init is the fair control. PathCond (:func:`gsgd.pathcond`,
+``[init] pathcond`` for every optimizer or ``pathcond`` of one optimizer entry, applied after
+that common init) rescales the network without changing its function, so every optimizer still
+starts from the same function; what it did (sweeps, criterion before / after) is in the run's
+``final.json`` under ``"pathcond"``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gsgd._process import die_with_parent
+from gsgd.conditioning import PathCondResult, pathcond
 from gsgd.data import DatasetSplits, iterate_batches, num_batches
 from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
@@ -77,6 +82,7 @@ from gsgd.graphs import compile_seconds
 from gsgd.group import random_rescale, skeleton_init
 from gsgd.optim import GSGD
 from gsgd.optim.common import NonFiniteError, PlainParametersWarning
+from gsgd.structure import Structure
 
 __all__ = [
     "DRY_RUN_MARKER",
@@ -90,6 +96,7 @@ __all__ = [
     "clear_dir",
     "evaluate",
     "experiment_dir",
+    "initial_model",
     "experiment_dirs",
     "prepare_model",
     "resolve_device",
@@ -193,8 +200,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss / len(y), correct / len(y)
 
 
-def prepare_model(config: Config, seed: int, data: DatasetSplits):
-    """Model from ``seed``, its structure, the skeleton init and the optional rescaling."""
+def initial_model(config: Config, seed: int, data: DatasetSplits,
+                  spec: OptimizerSpec | None = None
+                  ) -> tuple[nn.Module, Structure, PathCondResult | None]:
+    """Model from ``seed``, its structure, the skeleton init and the optional rescaling, then
+    PathCond when ``[init] pathcond`` or ``spec.pathcond`` asks for it; with what PathCond did
+    (None when it did not run)."""
     model = build_model(config.model, data.input_shape, data.num_classes, seed)
     structure = model_structure(model, config.model)
     if config.init.skeleton:
@@ -202,7 +213,26 @@ def prepare_model(config: Config, seed: int, data: DatasetSplits):
     r = config.init.rescale
     if r is not None:
         random_rescale(model, structure, seed=seed, low=r.low, high=r.high, base=r.base)
+    conditioned = None
+    if config.init.pathcond or (spec is not None and spec.pathcond):
+        conditioned = pathcond(model, structure)
+    return model, structure, conditioned
+
+
+def prepare_model(config: Config, seed: int, data: DatasetSplits,
+                  spec: OptimizerSpec | None = None):
+    """(model, structure) of :func:`initial_model`: the init every optimizer of ``config``
+    starts from (and ``spec``'s own PathCond when it asks for one)."""
+    model, structure, _ = initial_model(config, seed, data, spec)
     return model, structure
+
+
+def _pathcond_summary(result: PathCondResult | None) -> dict | None:
+    if result is None:
+        return None
+    return {"sweeps": result.sweeps, "converged": result.converged,
+            "criterion_before": result.criterion_before,
+            "criterion_after": result.criterion_after, "residual": result.residual}
 
 
 # [experiment] keys that do not change a run's numbers (``epochs``: a run can be extended).
@@ -210,7 +240,8 @@ _NOT_IN_SPEC = ("name", "description", "seeds", "sweep_seeds", "epochs", "eval_e
                 "checkpoint_every", "device", "threads", "report_last_k")
 # Optimizer keys added after runs were recorded: in spec.json only when not at their default,
 # so that the spec.json of an earlier run still matches.
-_LATER_OPTIMIZER_KEYS = {"on_nonfinite": "raise"}
+_LATER_OPTIMIZER_KEYS = {"on_nonfinite": "raise", "bp_norm": (0.0, 0.0), "amsgrad": False,
+                         "decay_carriers": False, "pathcond": False}
 _NO_DEFAULT = object()
 
 
@@ -288,13 +319,14 @@ def _total(optimizer: torch.optim.Optimizer, counter: str) -> int | None:
 
 
 def _final_summary(history: list[dict], label: str, spec: OptimizerSpec, seed: int,
-                   epochs: int) -> dict:
+                   epochs: int, conditioned: dict | None = None) -> dict:
     """final.json: status, the last evaluated epoch, the best-validation epoch and the test
     accuracy there (nothing is selected on the test split)."""
     diverged = [h for h in history if h.get("diverged")]
     done = [h for h in history if not h.get("diverged")]
     evaluated = [h for h in done if h.get("val_acc") is not None]
     best = best_val_epoch(evaluated)
+    extra = {} if conditioned is None else {"pathcond": conditioned}
     return {
         "label": label, "optimizer": spec.name, "lr": spec.describe_lr(), "seed": seed,
         "status": "diverged" if diverged else "finished",
@@ -305,6 +337,7 @@ def _final_summary(history: list[dict], label: str, spec: OptimizerSpec, seed: i
         "best_val_epoch": best["epoch"] if best else None,
         "test_acc_at_best_val": best.get("test_acc") if best else None,
         "time_per_epoch": (sum(h["time"] for h in done) / len(done)) if done else None,
+        **extra,
     }
 
 
@@ -354,7 +387,8 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
     device = resolve_device(exp.device, options.allow_cpu_fallback)
     dtype = getattr(torch, exp.dtype)
     torch.manual_seed(seed)
-    model, structure = prepare_model(config, seed, data)
+    model, structure, conditioned = initial_model(config, seed, data, spec)
+    conditioned = _pathcond_summary(conditioned)  # recomputed on resume (cheap, deterministic)
     model.to(device=device, dtype=dtype)
     with warnings.catch_warnings():  # the report records the structure and its plain params
         warnings.simplefilter("ignore", PlainParametersWarning)
@@ -404,6 +438,9 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
             }, f)
 
     log = options.log or (lambda _msg: None)
+    if conditioned is not None and not history:
+        log(f"{spec.label} seed{seed}: PathCond {conditioned['sweeps']} sweeps, criterion "
+            f"{conditioned['criterion_before']:.4g} -> {conditioned['criterion_after']:.4g}")
     bar = tqdm(total=exp.epochs * per_epoch, initial=state["epoch"] * per_epoch + state["batch"],
                desc=f"{spec.label} seed{seed}", disable=not options.progress, leave=False,
                dynamic_ncols=True)
@@ -494,7 +531,7 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                                                                   exp.epochs))
     finally:
         bar.close()
-    final = _final_summary(history, spec.label, spec, seed, exp.epochs)
+    final = _final_summary(history, spec.label, spec, seed, exp.epochs, conditioned)
     atomic_write_text(final_path, json.dumps(final, indent=1) + "\n")
     return final
 
