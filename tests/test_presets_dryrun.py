@@ -17,7 +17,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
 REQUIRED = ("mnist_mlp_paper", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd_balanced",
             "pathsgd_unbalanced", "fashion_plainnet", "fashion_resnet20",
             "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu", "mnist_adam_family",
-            "mnist_adam_family_short")
+            "mnist_adam_family_short", "mnist_bp_norm_short")
 
 
 
