@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import two_block_net
-from gsgd import GSGD, ENormSGD, PathSGD
+from gsgd import GSGD, ENormSGD, GAdam, PathSGD
 
 OPTIMIZERS = {
     "gsgd": lambda params, **kw: GSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw),
@@ -21,6 +21,7 @@ OPTIMIZERS = {
                                                **kw),
     "pathsgd": lambda params, **kw: PathSGD(params, lr=0.05, momentum=0.9, **kw),
     "enormsgd": lambda params, **kw: ENormSGD(params, lr=0.05, momentum=0.9, **kw),
+    "gadam": lambda params, **kw: GAdam(params, lr=0.02, weight_decay=1e-2, **kw),
 }
 
 
