@@ -729,8 +729,7 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
     total = None
     if not gated:  # the one host sync of the step: all finite? bounded? ratios changed?
         host_mags = [plans[i].magnitudes for i in on_host] + (plain_mags if host else [])
-        head = torch.stack([ok, safe] + list(clipped.values())).double() if clipped \
-            else torch.stack([ok, safe]).double()
+        head = torch.stack([ok, safe, *clipped.values()]).double()
         values = torch.cat([head] + [m.double() for m in host_mags]).tolist()
         taken, bounded = bool(values[0]), bool(values[1])
         counts_now = values[2:2 + len(clipped)]

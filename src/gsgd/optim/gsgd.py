@@ -249,7 +249,7 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        owners, steps, fresh, copies, keys = self._gather_blocks()
+        owners, steps, fresh, copies, parts = self._gather_blocks()
         gated = self._gated(steps)
         plain_params, plain = self._gather_plain(fresh, gated)
         if not steps and not plain:
@@ -263,7 +263,7 @@ class GSGD(GBlockOptimizer):
             outcome = fast_step(steps, plain, gated=gated, work=work)
         for p, copy in copies:  # channels_last weights: the step wrote a contiguous copy
             p.detach().copy_(copy)
-        self._keep_carried(keys, steps, outcome.carried)
+        self._keep_carried(parts, steps, outcome.carried)
         if outcome.compile_error is not None:
             self._compile_failed(outcome.compile_error)
         self._record(outcome, gated, owners, fresh)
@@ -325,9 +325,11 @@ class GSGD(GBlockOptimizer):
 
     # ------------------------------------------------------------------ gather
     def _gather_blocks(self) -> tuple[list[int], list[BlockStep], list[nn.Parameter],
-                                      list[tuple[nn.Parameter, torch.Tensor]]]:
+                                      list[tuple[nn.Parameter, torch.Tensor]],
+                                      list[tuple[tuple[int, int, int], _Bound]]]:
         """Each block's step (its index, views of its tensors and its group's
-        hyper-parameters) and the parameters whose momentum buffers are new. A layer takes part
+        hyper-parameters), the parameters whose momentum buffers are new, the channels_last
+        copies to write back and (key, block or part) of each step. A layer takes part
         only if the optimizer holds all its parameters and each has a gradient: a frozen layer
         (``requires_grad=False``, or ``grad`` None) is never modified and cuts its block into
         runs of trainable layers, each a G-block of its own (its end units are block
@@ -336,7 +338,7 @@ class GSGD(GBlockOptimizer):
         steps: list[BlockStep] = []
         fresh: list[nn.Parameter] = []
         copies: list[tuple[nn.Parameter, torch.Tensor]] = []
-        keys: list[tuple[int, int, int]] = []
+        parts: list[tuple[tuple[int, int, int], _Bound]] = []
         for k, bp in enumerate(self._blocks):
             active = [id(w) in self._held and w.grad is not None
                       and (b is None or (id(b) in self._held and b.grad is not None))
@@ -344,10 +346,10 @@ class GSGD(GBlockOptimizer):
             for start, stop in _runs(active):
                 part = bp if (start, stop) == (0, len(active)) else self._part(k, start, stop)
                 owners.append(k)
-                keys.append((k, start, stop))
-                carried = self._carried_for(keys[-1], part)
+                parts.append(((k, start, stop), part))
+                carried = self._carried_for((k, start, stop), part)
                 steps.append(self._block_step(part, fresh, copies)._replace(carried=carried))
-        return owners, steps, fresh, copies, keys
+        return owners, steps, fresh, copies, parts
 
     #: a carried write bound is measured afresh after this many steps
     CARRY_STEPS = 64
@@ -368,20 +370,19 @@ class GSGD(GBlockOptimizer):
             return None
         return entry[1]
 
-    def _keep_carried(self, keys: list[tuple], steps: list[BlockStep],
+    def _keep_carried(self, parts: list[tuple[tuple, _Bound]], steps: list[BlockStep],
                       carried: list[torch.Tensor | None] | None) -> None:
-        """Remember what each block's step left for the next one (with the stamps after it)."""
+        """Remember what each block's step left for the next one (with the stamps after it);
+        ``parts``: (key, block or part) of each step, as :meth:`_gather_blocks` made them."""
         if carried is None:  # nothing written: what was kept is still valid
             return
         kept = self.__dict__.setdefault("_carried", {})
-        for key, step, carry in zip(keys, steps, carried, strict=True):
+        for (key, part), step, carry in zip(parts, steps, carried, strict=True):
             if carry is None:
                 kept.pop(key, None)
                 continue
             age = 0 if step.carried is None else kept[key][2] + 1
-            bp = self._blocks[key[0]] if key[1:] == (0, len(self._blocks[key[0]].weights)) \
-                else self._part(*key)
-            kept[key] = (self._stamps(bp), carry, age)
+            kept[key] = (self._stamps(part), carry, age)
 
     def _part(self, k: int, start: int, stop: int) -> _Bound:
         """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
