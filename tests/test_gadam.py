@@ -30,7 +30,6 @@ from conftest import (
     chain_net,
     mse_backward,
     only_block,
-    relative_difference,
     two_block_net,
 )
 from gsgd import GAdam, GAdamW, NonFiniteError
@@ -39,7 +38,7 @@ from gsgd.basis import block_routes
 from gsgd.discovery import discover
 from gsgd.reference import basis_path_norm, basis_path_norm_gradient, g_space_gradient
 from gsgd.structure import Block
-from test_gsgd_invariance import assert_alive, data, eval_loss, gap, pair, trajectory
+from test_gsgd_invariance import assert_alive, eval_loss, rescaled_run, rescaled_start
 from test_gsgd_oracle import CASES, IDS, conv_chain, randomise, representative_entries
 from test_optimizer_conventions import same, train
 
@@ -220,27 +219,16 @@ STEPS = 50
 def invariance_gaps(widths, bias, acts, seed: int, lr: float, **hyper) -> tuple[float, float]:
     """(G-Adam gap, torch Adam gap): largest relative output difference between a net and its
     randomly rescaled copy trained STEPS steps on the same batches."""
-    net, other = pair(widths, bias, acts, seed)
-    batches, x_eval = data(net, seed + 2)
-    with torch.no_grad():
-        assert relative_difference(other(x_eval), net(x_eval)) < 1e-12
-    assert_alive(net, x_eval)
-    before = eval_loss(net, batches)
-    a, b = copy.deepcopy(net), copy.deepcopy(other)
-    opt_a, opt_b = GAdam(a, lr=lr, **hyper), GAdam(b, lr=lr, **hyper)
-    ours = gap(trajectory(a, opt_a, batches, x_eval, STEPS),
-               trajectory(b, opt_b, batches, x_eval, STEPS))
-    assert_alive(a, x_eval)
-    assert eval_loss(a, batches) < 0.9 * before, "G-Adam did not train"
-    assert opt_a.clip_counts() == opt_b.clip_counts()
-    a, b = copy.deepcopy(net), copy.deepcopy(other)
+    start = rescaled_start(widths, bias, acts, seed)
+    ours = rescaled_run(start, lambda net: GAdam(net, lr=lr, **hyper), STEPS)
+    assert_alive(ours.model, start.x_eval)
+    assert eval_loss(ours.model, start.batches) < 0.9 * start.before, "G-Adam did not train"
+    assert ours.opt.clip_counts() == ours.twin_opt.clip_counts()
     decay = hyper.get("weight_decay", 0.0)
     cls = torch.optim.AdamW if hyper.get("decoupled_weight_decay") else torch.optim.Adam
-    theirs = gap(trajectory(a, cls(a.parameters(), lr=lr, weight_decay=decay), batches, x_eval,
-                            STEPS),
-                 trajectory(b, cls(b.parameters(), lr=lr, weight_decay=decay), batches, x_eval,
-                            STEPS))
-    return ours, theirs
+    theirs = rescaled_run(start, lambda net: cls(net.parameters(), lr=lr, weight_decay=decay),
+                          STEPS)
+    return ours.gap, theirs.gap
 
 
 @pytest.mark.filterwarnings("ignore::gsgd.PlainParametersWarning")  # the PReLU slope

@@ -9,6 +9,8 @@ and weight decay) on the same batches they must keep computing the same function
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -99,33 +101,63 @@ def gap(run_a: list[torch.Tensor], run_b: list[torch.Tensor]) -> float:
     return max(relative_difference(b, a) for a, b in zip(run_a, run_b, strict=True))
 
 
-def check_invariance(widths, bias, acts, seed: int, lr: float, **hyper) -> None:
+class Start(NamedTuple):
+    """A net, its randomly rescaled copy, the batches, the evaluation inputs, the loss before."""
+
+    net: nn.Module
+    other: nn.Module
+    batches: list
+    x_eval: torch.Tensor
+    before: float
+
+
+def rescaled_start(widths, bias, acts, seed: int) -> Start:
+    """:func:`pair` and :func:`data`, checked: the two compute the same live function."""
     net, other = pair(widths, bias, acts, seed)
     batches, x_eval = data(net, seed + 2)
     with torch.no_grad():
         assert relative_difference(other(x_eval), net(x_eval)) < 1e-12
     assert_alive(net, x_eval)
-    before = eval_loss(net, batches)
+    return Start(net, other, batches, x_eval, eval_loss(net, batches))
+
+
+class Run(NamedTuple):
+    """Copies of both nets trained alike: their largest relative output gap, the net's trained
+    copy and both optimizers."""
+
+    gap: float
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    twin_opt: torch.optim.Optimizer
+
+
+def rescaled_run(start: Start, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+                 steps: int = STEPS) -> Run:
+    """Train a copy of the net and of its rescaled twin ``steps`` steps on the same batches."""
+    a, b = copy.deepcopy(start.net), copy.deepcopy(start.other)
+    opt_a, opt_b = make_opt(a), make_opt(b)
+    run_a = trajectory(a, opt_a, start.batches, start.x_eval, steps)
+    run_b = trajectory(b, opt_b, start.batches, start.x_eval, steps)
+    return Run(gap(run_a, run_b), a, opt_a, opt_b)
+
+
+def check_invariance(widths, bias, acts, seed: int, lr: float, **hyper) -> None:
+    start = rescaled_start(widths, bias, acts, seed)
 
     # G-SGD: the rescaled copy stays functionally identical all along.
-    a, b = copy.deepcopy(net), copy.deepcopy(other)
-    opt_a, opt_b = GSGD(a, lr=lr, **hyper), GSGD(b, lr=lr, **hyper)
-    run_a = trajectory(a, opt_a, batches, x_eval)
-    run_b = trajectory(b, opt_b, batches, x_eval)
-    assert_alive(a, x_eval)
-    after = eval_loss(a, batches)
-    assert after < 0.98 * before, f"G-SGD did not train: loss {before:.4g} -> {after:.4g}"
-    assert opt_a.clip_counts() == opt_b.clip_counts()
-    gsgd_gap = gap(run_a, run_b)
-    assert gsgd_gap < 1e-8, f"G-SGD broke rescaling invariance: relative gap {gsgd_gap:.3e}"
+    ours = rescaled_run(start, lambda net: GSGD(net, lr=lr, **hyper))
+    assert_alive(ours.model, start.x_eval)
+    after = eval_loss(ours.model, start.batches)
+    assert after < 0.98 * start.before, \
+        f"G-SGD did not train: loss {start.before:.4g} -> {after:.4g}"
+    assert ours.opt.clip_counts() == ours.twin_opt.clip_counts()
+    assert ours.gap < 1e-8, f"G-SGD broke rescaling invariance: relative gap {ours.gap:.3e}"
 
     # SGD from the same pair: the two trajectories drift apart.
-    a, b = copy.deepcopy(net), copy.deepcopy(other)
     sgd_hyper = {k: v for k, v in hyper.items()
                  if k in ("momentum", "weight_decay", "dampening", "nesterov")}
-    run_a = trajectory(a, torch.optim.SGD(a.parameters(), lr=lr, **sgd_hyper), batches, x_eval)
-    run_b = trajectory(b, torch.optim.SGD(b.parameters(), lr=lr, **sgd_hyper), batches, x_eval)
-    sgd_gap = gap(run_a, run_b)
+    sgd_gap = rescaled_run(start, lambda net: torch.optim.SGD(net.parameters(), lr=lr,
+                                                              **sgd_hyper)).gap
     assert not (sgd_gap <= 1e-3), f"SGD stayed invariant (gap {sgd_gap:.3e}): test is vacuous"
 
 
