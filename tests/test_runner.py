@@ -43,14 +43,20 @@ def digits_config(optimizers=None, epochs=2, seeds=(0,), checkpoint_every=4, **e
 
 
 
+def digits_cut(config, train: int, held: int) -> ExperimentData:
+    """Real digits (``config``'s experiment), cut to ``train`` training examples and ``held``
+    validation and test examples each."""
+    full = load_experiment_data(config.experiment).splits
+    cut = replace(full, train=Split(full.train.x[:train], full.train.y[:train]),
+                  val=Split(full.val.x[:held], full.val.y[:held]),
+                  test=Split(full.test.x[:held], full.test.y[:held]))
+    return ExperimentData(cut)
+
+
 @pytest.fixture(scope="module")
 def small():
     """Real digits, cut to 320 train / 96 val / 96 test examples (10 batches of 32)."""
-    full = load_experiment_data(digits_config().experiment).splits
-    cut = replace(full, train=Split(full.train.x[:320], full.train.y[:320]),
-                  val=Split(full.val.x[:96], full.val.y[:96]),
-                  test=Split(full.test.x[:96], full.test.y[:96]))
-    return ExperimentData(cut)
+    return digits_cut(digits_config(), 320, 96)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gsgd.data import Split
 from gsgd.experiments.config import (
     _COMMON_OPTIMIZER_KEYS,
     ConfigError,
     config_from_dict,
     config_to_toml,
 )
-from gsgd.experiments.datasets import ExperimentData, load_experiment_data
+from gsgd.experiments.datasets import load_experiment_data
 from gsgd.experiments.optimizers import build_optimizer
 from gsgd.experiments.runner import (
     RunInterrupted,
@@ -31,6 +30,7 @@ from gsgd.experiments.runner import (
     train_run,
 )
 from gsgd.optim import GAdam, GAdamW
+from test_runner import digits_cut
 
 QUIET = RunOptions(log=None)
 
@@ -137,11 +137,7 @@ def test_new_keys_enter_the_run_spec_only_when_used():
 @pytest.fixture(scope="module")
 def small():
     """Real digits, cut to 192 train / 64 val / 64 test examples (6 batches of 32)."""
-    full = load_experiment_data(cfg().experiment).splits
-    cut = replace(full, train=Split(full.train.x[:192], full.train.y[:192]),
-                  val=Split(full.val.x[:64], full.val.y[:64]),
-                  test=Split(full.test.x[:64], full.test.y[:64]))
-    return ExperimentData(cut)
+    return digits_cut(cfg(), 192, 64)
 
 
 def test_build_and_train_gadam_and_gadamw(small, tmp_path):
