@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.optim.sgd import sgd as torch_sgd
 
+from gsgd.basis import LayerRoutes, block_routes
 from gsgd.structure import Block, Structure, StructureError, layer_view
 
 
@@ -189,6 +191,56 @@ def bind_blocks(owner: str, structure: Structure, named: dict[str, nn.Parameter]
     return bound
 
 
+class BoundBlock(NamedTuple):
+    """A G-block bound to the optimizer: its parameters, routes and param group (by index:
+    ``load_state_dict`` replaces the group dicts)."""
+
+    block: Block
+    weights: list[nn.Parameter]
+    biases: list[nn.Parameter | None]
+    routes: tuple[LayerRoutes, ...]
+    group: int
+    shapes: tuple[tuple[int, int, int], ...]  # the (out, in, taps) view of each layer
+
+    @property
+    def approx_bn(self) -> bool:
+        return any(layer.approx_bn for layer in self.block.layers)
+
+
+def active_runs(active: list[bool]) -> list[tuple[int, int]]:
+    """(start, stop) of every maximal run of True in ``active``."""
+    runs, start = [], None
+    for i, on in enumerate([*active, False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def layer_problem(layer, w: nn.Parameter, b: nn.Parameter | None, r: LayerRoutes) -> str | None:
+    """What is wrong with one layer of a block, if anything (for the refusal message)."""
+    view = w.detach().reshape(r.h_out, r.h_in, r.taps)
+    checks = [(view, f"non-finite weight in {layer.weight}"),
+              (w.grad, f"non-finite gradient for {layer.weight}"),
+              (b, f"non-finite bias {layer.bias}"),
+              (None if b is None else b.grad, f"non-finite gradient for {layer.bias}")]
+    for t, message in checks:
+        if t is not None and not torch.isfinite(t).all():
+            return message
+    flat = view.reshape(-1)
+    for role, positions in (("parent", r.parent_flat(flat.device)),
+                            ("child", r.child_flat(flat.device))):
+        zero = (flat[positions] == 0).nonzero()
+        if len(zero):
+            o, i, t = r.unravel(int(positions[int(zero[0])]))
+            return (f"zero designated ({role}) weight {layer.weight}[{o}, {i}"
+                    f"{f', tap {t}' if r.taps > 1 else ''}]: it kills the designated routes "
+                    "through it (re-initialise it, e.g. with gsgd.skeleton_init)")
+    return None
+
+
 class GBlockOptimizer(torch.optim.Optimizer):
     """Set-up shared by the optimizers that act on G-blocks (GSGD, PathSGD).
 
@@ -262,6 +314,39 @@ class GBlockOptimizer(torch.optim.Optimizer):
     def _bound(self, bound: list) -> None:
         """What a subclass keeps of the bound blocks (called on every (re)binding)."""
         self._blocks = bound
+
+    def _bound_blocks(self, bound: list) -> list[BoundBlock]:
+        """The bound blocks of a (re)binding (its parts are forgotten)."""
+        self.__dict__.pop("_parts", None)
+        return [BoundBlock(block, weights, biases, block_routes(block), gi,
+                           tuple((la.out_units, la.in_units, la.taps) for la in block.layers))
+                for block, weights, biases, gi in bound]
+
+    def _active_parts(self) -> list[tuple[tuple[int, int, int], BoundBlock]]:
+        """((block index, start, stop), part) of every run of layers that takes part in this
+        step: a layer does only if the optimizer holds all its parameters and each has a
+        gradient, so a frozen layer (``requires_grad=False``, or ``grad`` None) is never
+        modified and cuts its block into runs of trainable layers, each a G-block of its own."""
+        parts = []
+        for k, bp in enumerate(self._blocks):
+            active = [id(w) in self._held and w.grad is not None
+                      and (b is None or (id(b) in self._held and b.grad is not None))
+                      for w, b in zip(bp.weights, bp.biases, strict=True)]
+            for start, stop in active_runs(active):
+                whole = (start, stop) == (0, len(active))
+                parts.append(((k, start, stop), bp if whole else self._part(k, start, stop)))
+        return parts
+
+    def _part(self, k: int, start: int, stop: int) -> BoundBlock:
+        """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
+        parts = self.__dict__.setdefault("_parts", {})
+        if (k, start, stop) not in parts:
+            bp = self._blocks[k]
+            block = Block(bp.block.layers[start:stop])
+            parts[(k, start, stop)] = BoundBlock(block, bp.weights[start:stop],
+                                                 bp.biases[start:stop], block_routes(block),
+                                                 bp.group, bp.shapes[start:stop])
+        return parts[(k, start, stop)]
 
     def _work(self, rows: int, cols: int, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """A reusable (rows, cols) work matrix of ``like``'s dtype and device: kept across

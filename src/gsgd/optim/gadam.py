@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from torch.optim.adam import adam as torch_adam
 
-from gsgd.basis import block_routes
-from gsgd.optim.common import GBlockOptimizer, NonFiniteError
-from gsgd.optim.gsgd import _Bound, _layer_problem, _runs
+from gsgd.optim.common import BoundBlock, GBlockOptimizer, NonFiniteError, layer_problem
 from gsgd.reference import (
     AdamHyper,
     AdamMoments,
@@ -27,7 +25,7 @@ from gsgd.reference import (
     BlockTensors,
     reference_adam_step,
 )
-from gsgd.structure import Block, Structure
+from gsgd.structure import Structure
 
 __all__ = ["GAdam", "GAdamW"]
 
@@ -155,10 +153,7 @@ class GAdam(GBlockOptimizer):
         self._setup(self._owner_name, params, defaults, model, structure, batchnorm)
 
     def _bound(self, bound: list) -> None:
-        self._parts: dict[tuple[int, int, int], _Bound] = {}
-        self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
-                               tuple((la.out_units, la.in_units, la.taps) for la in block.layers))
-                        for block, weights, biases, gi in bound]
+        self._blocks = self._bound_blocks(bound)
 
     def summary(self) -> str:
         """The G-structure this optimizer works on, and the parameters left to torch Adam."""
@@ -204,33 +199,16 @@ class GAdam(GBlockOptimizer):
         return loss
 
     # ------------------------------------------------------------------ gather
-    def _gather_blocks(self) -> list[tuple[int, _Bound]]:
+    def _gather_blocks(self) -> list[tuple[int, BoundBlock]]:
         """(block index, part) of every run of layers that takes part in this step: a layer
         does only if the optimizer holds all its parameters and each has a gradient (a frozen
         layer, or one whose ``grad`` is None, is never modified and cuts its block, as GSGD)."""
-        parts = []
-        for k, bp in enumerate(self._blocks):
-            active = [id(w) in self._held and w.grad is not None
-                      and (b is None or (id(b) in self._held and b.grad is not None))
-                      for w, b in zip(bp.weights, bp.biases, strict=True)]
-            for start, stop in _runs(active):
-                parts.append((k, bp if (start, stop) == (0, len(active))
-                              else self._part(k, start, stop)))
+        parts = [(key[0], part) for key, part in self._active_parts()]
         for _, part in parts:
             for p in (*part.weights, *part.biases):
                 if p is not None:
                     self._refuse_sparse(p)
         return parts
-
-    def _part(self, k: int, start: int, stop: int) -> _Bound:
-        """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
-        if (k, start, stop) not in self._parts:
-            bp = self._blocks[k]
-            block = Block(bp.block.layers[start:stop])
-            self._parts[(k, start, stop)] = _Bound(block, bp.weights[start:stop],
-                                                   bp.biases[start:stop], block_routes(block),
-                                                   bp.group, bp.shapes[start:stop])
-        return self._parts[(k, start, stop)]
 
     def _gather_plain(self) -> dict[int, list[nn.Parameter]]:
         """The parameters outside every G-block that have a gradient, per param group."""
@@ -245,7 +223,7 @@ class GAdam(GBlockOptimizer):
         if p.grad is not None and p.grad.is_sparse:
             raise ValueError(f"{self._owner}: sparse gradient for {self._names.get(id(p), '?')}")
 
-    def _tensors(self, part: _Bound) -> BlockTensors:
+    def _tensors(self, part: BoundBlock) -> BlockTensors:
         """The ``(out, in, taps)`` views of a part's weights and gradients, and its biases."""
         ws = [w.detach().reshape(shape) for w, shape in zip(part.weights, part.shapes,
                                                              strict=True)]
@@ -272,7 +250,7 @@ class GAdam(GBlockOptimizer):
         return AdamMoments(float(st["step"]), get("exp_avg"), get("exp_avg_sq"),
                            get("max_exp_avg_sq"))
 
-    def _adam_state(self, part: _Bound) -> AdamState:
+    def _adam_state(self, part: BoundBlock) -> AdamState:
         return AdamState([self._moments(w, s) for w, s in zip(part.weights, part.shapes,
                                                                strict=True)],
                          [None if b is None else self._moments(b, b.shape) for b in part.biases])
@@ -304,14 +282,14 @@ class GAdam(GBlockOptimizer):
         return _PlainUpdate(params, values, exp_avgs, exp_avg_sqs, peaks, steps)
 
     # ------------------------------------------------------------------ checks and refusal
-    def _find_problems(self, parts: list[tuple[int, _Bound]],
+    def _find_problems(self, parts: list[tuple[int, BoundBlock]],
                        plain: dict[int, list[nn.Parameter]]) -> list[tuple[int, str]]:
         """(group, description) of every non-finite input or zero designated weight."""
         found = []
         for _, part in parts:
             for layer, w, b, r in zip(part.block.layers, part.weights, part.biases, part.routes,
                                       strict=True):
-                problem = _layer_problem(layer, w, b, r)
+                problem = layer_problem(layer, w, b, r)
                 if problem:
                     found.append((part.group, problem))
         for gi, params in plain.items():
@@ -319,7 +297,7 @@ class GAdam(GBlockOptimizer):
                       for p in params if not torch.isfinite(p.grad).all()]
         return found
 
-    def _find_overflow(self, parts: list[tuple[int, _Bound]], updates: list[AdamUpdate],
+    def _find_overflow(self, parts: list[tuple[int, BoundBlock]], updates: list[AdamUpdate],
                        plain: dict[int, list[nn.Parameter]], plain_updates: list[_PlainUpdate]
                        ) -> list[tuple[int, str]]:
         """(group, description) of every parameter whose new value would not be finite."""
@@ -354,7 +332,7 @@ class GAdam(GBlockOptimizer):
             group["skipped_steps"] += 1
 
     # ------------------------------------------------------------------ write
-    def _write_block(self, k: int, part: _Bound, update: AdamUpdate) -> None:
+    def _write_block(self, k: int, part: BoundBlock, update: AdamUpdate) -> None:
         for w, new, m in zip(part.weights, update.weights, update.state.weights, strict=True):
             w.copy_(new.reshape(w.shape))
             self._keep(w, m)

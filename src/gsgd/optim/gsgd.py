@@ -9,32 +9,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from gsgd.basis import LayerRoutes, block_routes, route_products
+from gsgd.basis import route_products
 from gsgd.fast import BlockStep, CompileFailed, PlainStep, StepOutcome, fast_step
-from gsgd.optim.common import GBlockOptimizer, InitScaleWarning, NonFiniteError
+from gsgd.optim.common import (
+    BoundBlock,
+    GBlockOptimizer,
+    InitScaleWarning,
+    NonFiniteError,
+    layer_problem,
+)
 from gsgd.reference import BlockTensors, StepHyper
-from gsgd.structure import Block, Structure
-
-
-class _Bound(NamedTuple):
-    """A G-block bound to the optimizer: its parameters, routes and param group (by index:
-    ``load_state_dict`` replaces the group dicts)."""
-
-    block: Block
-    weights: list[nn.Parameter]
-    biases: list[nn.Parameter | None]
-    routes: tuple[LayerRoutes, ...]
-    group: int
-    shapes: tuple[tuple[int, int, int], ...]  # the (out, in, taps) view of each layer
-
-    @property
-    def approx_bn(self) -> bool:
-        return any(layer.approx_bn for layer in self.block.layers)
+from gsgd.structure import Structure
 
 
 def _hyper(group: dict) -> StepHyper:
@@ -182,13 +171,10 @@ class GSGD(GBlockOptimizer):
     _any_layout = True  # channels_last weights step on a contiguous copy (see _block_step)
 
     def _bound(self, bound: list) -> None:
-        self.__dict__.pop("_parts", None)
         self.__dict__.pop("_carried", None)
         if "_blocks" in self.__dict__:
             self._flush()  # the pending counters are per block of the old binding
-        self._blocks = [_Bound(block, weights, biases, block_routes(block), gi,
-                               tuple((la.out_units, la.in_units, la.taps) for la in block.layers))
-                        for block, weights, biases, gi in bound]
+        self._blocks = self._bound_blocks(bound)
         self._reset_pending()
 
     # ------------------------------------------------------------------ counters
@@ -326,7 +312,7 @@ class GSGD(GBlockOptimizer):
     # ------------------------------------------------------------------ gather
     def _gather_blocks(self) -> tuple[list[int], list[BlockStep], list[nn.Parameter],
                                       list[tuple[nn.Parameter, torch.Tensor]],
-                                      list[tuple[tuple[int, int, int], _Bound]]]:
+                                      list[tuple[tuple[int, int, int], BoundBlock]]]:
         """Each block's step (its index, views of its tensors and its group's
         hyper-parameters), the parameters whose momentum buffers are new, the channels_last
         copies to write back and (key, block or part) of each step. A layer takes part
@@ -338,23 +324,17 @@ class GSGD(GBlockOptimizer):
         steps: list[BlockStep] = []
         fresh: list[nn.Parameter] = []
         copies: list[tuple[nn.Parameter, torch.Tensor]] = []
-        parts: list[tuple[tuple[int, int, int], _Bound]] = []
-        for k, bp in enumerate(self._blocks):
-            active = [id(w) in self._held and w.grad is not None
-                      and (b is None or (id(b) in self._held and b.grad is not None))
-                      for w, b in zip(bp.weights, bp.biases, strict=True)]
-            for start, stop in _runs(active):
-                part = bp if (start, stop) == (0, len(active)) else self._part(k, start, stop)
-                owners.append(k)
-                parts.append(((k, start, stop), part))
-                carried = self._carried_for((k, start, stop), part)
-                steps.append(self._block_step(part, fresh, copies)._replace(carried=carried))
+        parts = self._active_parts()
+        for key, part in parts:
+            owners.append(key[0])
+            carried = self._carried_for(key, part)
+            steps.append(self._block_step(part, fresh, copies)._replace(carried=carried))
         return owners, steps, fresh, copies, parts
 
     #: a carried write bound is measured afresh after this many steps
     CARRY_STEPS = 64
 
-    def _stamps(self, bp: _Bound) -> tuple:
+    def _stamps(self, bp: BoundBlock) -> tuple:
         """(version, address) of every tensor of a block's step: equal stamps mean nothing has
         written them through autograd-visible in-place ops, ``copy_``, ``load_state_dict`` or
         ``.to()`` since (``.data`` writes are not seen; hence :data:`CARRY_STEPS`)."""
@@ -363,14 +343,14 @@ class GSGD(GBlockOptimizer):
                if "momentum_buffer" in self.state[p]]
         return tuple((t._version, t.data_ptr()) for t in ts)
 
-    def _carried_for(self, key: tuple, bp: _Bound) -> torch.Tensor | None:
+    def _carried_for(self, key: tuple, bp: BoundBlock) -> torch.Tensor | None:
         """The write bound the last step left for this block, if its tensors are unchanged."""
         entry = self.__dict__.get("_carried", {}).get(key)
         if entry is None or entry[2] >= self.CARRY_STEPS or entry[0] != self._stamps(bp):
             return None
         return entry[1]
 
-    def _keep_carried(self, parts: list[tuple[tuple, _Bound]], steps: list[BlockStep],
+    def _keep_carried(self, parts: list[tuple[tuple, BoundBlock]], steps: list[BlockStep],
                       carried: list[torch.Tensor | None] | None) -> None:
         """Remember what each block's step left for the next one (with the stamps after it);
         ``parts``: (key, block or part) of each step, as :meth:`_gather_blocks` made them."""
@@ -384,18 +364,7 @@ class GSGD(GBlockOptimizer):
             age = 0 if step.carried is None else kept[key][2] + 1
             kept[key] = (self._stamps(part), carry, age)
 
-    def _part(self, k: int, start: int, stop: int) -> _Bound:
-        """Layers start..stop-1 of block k as a G-block of their own (kept per binding)."""
-        parts = self.__dict__.setdefault("_parts", {})
-        if (k, start, stop) not in parts:
-            bp = self._blocks[k]
-            block = Block(bp.block.layers[start:stop])
-            parts[(k, start, stop)] = _Bound(block, bp.weights[start:stop],
-                                             bp.biases[start:stop], block_routes(block),
-                                             bp.group, bp.shapes[start:stop])
-        return parts[(k, start, stop)]
-
-    def _block_step(self, bp: _Bound, fresh: list[nn.Parameter],
+    def _block_step(self, bp: BoundBlock, fresh: list[nn.Parameter],
                     copies: list[tuple[nn.Parameter, torch.Tensor]]) -> BlockStep:
         """The views, gradients, buffers and hyper-parameters of one (part of a) block. A
         weight in another memory layout (channels_last) is stepped as a contiguous copy, which
@@ -519,7 +488,7 @@ class GSGD(GBlockOptimizer):
         for bp in self._blocks:
             for layer, w, b, r in zip(bp.block.layers, bp.weights, bp.biases, bp.routes,
                                       strict=True):
-                problem = _layer_problem(layer, w, b, r)
+                problem = layer_problem(layer, w, b, r)
                 if problem:
                     found.append((bp.group, problem))
         for p in self._plain:
@@ -527,37 +496,3 @@ class GSGD(GBlockOptimizer):
                 found.append((self._plain_group[id(p)],
                               f"non-finite gradient for {self._names.get(id(p), '?')}"))
         return found
-
-
-def _runs(active: list[bool]) -> list[tuple[int, int]]:
-    """(start, stop) of every maximal run of True in ``active``."""
-    runs, start = [], None
-    for i, on in enumerate([*active, False]):
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
-def _layer_problem(layer, w: nn.Parameter, b: nn.Parameter | None, r: LayerRoutes) -> str | None:
-    """What is wrong with one layer of a block, if anything (for the refusal message)."""
-    view = w.detach().reshape(r.h_out, r.h_in, r.taps)
-    checks = [(view, f"non-finite weight in {layer.weight}"),
-              (w.grad, f"non-finite gradient for {layer.weight}"),
-              (b, f"non-finite bias {layer.bias}"),
-              (None if b is None else b.grad, f"non-finite gradient for {layer.bias}")]
-    for t, message in checks:
-        if t is not None and not torch.isfinite(t).all():
-            return message
-    flat = view.reshape(-1)
-    for role, positions in (("parent", r.parent_flat(flat.device)),
-                            ("child", r.child_flat(flat.device))):
-        zero = (flat[positions] == 0).nonzero()
-        if len(zero):
-            o, i, t = r.unravel(int(positions[int(zero[0])]))
-            return (f"zero designated ({role}) weight {layer.weight}[{o}, {i}"
-                    f"{f', tap {t}' if r.taps > 1 else ''}]: it kills the designated routes "
-                    "through it (re-initialise it, e.g. with gsgd.skeleton_init)")
-    return None
