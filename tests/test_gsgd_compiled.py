@@ -131,3 +131,76 @@ def test_a_compiler_failure_falls_back_to_the_eager_step_with_a_warning(graph_fo
     assert fallback.param_groups[0]["compile"] is False
     for p, q in zip(eager_net.parameters(), compiled_net.parameters(), strict=True):
         assert torch.equal(p, q)  # the same eager steps, first-step momentum rule included
+
+
+def _lane_calls(monkeypatch) -> list[int]:
+    """Counts the steps GSGD takes by its prepared call (the lane)."""
+    import gsgd.optim.gsgd as gsgd_module
+
+    calls: list[int] = []
+    real = gsgd_module.run_prepared
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(gsgd_module, "run_prepared", counting)
+    return calls
+
+
+def test_the_prepared_step_equals_the_whole_path(monkeypatch):
+    """Repeated compiled steps go by the lane (one prepared graph call) and take exactly the
+    steps of the whole path: across lr changes, carried-bound refreshes, an in-place edit of
+    a weight, a step with a frozen layer (grad None), maximize, a load_state_dict and a move
+    to float32."""
+    monkeypatch.setattr(GSGD, "CARRY_STEPS", 4)
+    calls = _lane_calls(monkeypatch)
+    nets = [conv_chain_net(), conv_chain_net()]
+    opts = [GSGD(net, lr=0.05, momentum=0.9, weight_decay=1e-3, compile=True) for net in nets]
+    opts[1].LANE = False
+    gen = torch.Generator().manual_seed(1)
+
+    def both(steps: int, edit=None, dtype=torch.float64) -> None:
+        for _ in range(steps):
+            x = torch.randn(8, 2, 4, 4, generator=gen, dtype=dtype)
+            y = torch.randint(0, 3, (8,), generator=gen)
+            for net, opt in zip(nets, opts, strict=True):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                if edit is not None:
+                    edit(net, opt)
+                opt.step()
+
+    def same() -> None:
+        for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            assert torch.equal(p, q)
+            for key in ("momentum_buffer",):
+                assert torch.equal(opts[0].state[p][key], opts[1].state[q][key])
+        assert opts[0].clip_counts() == opts[1].clip_counts()
+
+    both(6)
+    assert calls, "repeated compiled steps must take the lane"
+    same()
+    for opt in opts:
+        opt.param_groups[0]["lr"] = 0.02
+    both(3)
+    both(1, edit=lambda net, opt: net[0].weight.data.mul_(1.5))  # unseen by the stamps
+    both(1, edit=lambda net, opt: net[0].weight.detach().mul_(1.1))
+    both(2, edit=lambda net, opt: setattr(net[3].weight, "grad", None))
+    same()
+    both(3)
+    for opt in opts:
+        opt.param_groups[0]["maximize"] = True
+    both(2)
+    for opt in opts:
+        opt.param_groups[0]["maximize"] = False
+    state = copy.deepcopy(opts[0].state_dict())
+    for opt in opts:
+        opt.load_state_dict(copy.deepcopy(state))
+    both(3)
+    same()
+    for net in nets:
+        net.float()
+    both(4, dtype=torch.float32)
+    same()
+    assert len(calls) >= 8

@@ -41,6 +41,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from gsgd.basis import chain_products, children, parents
 from gsgd.graphs import CompileFailed, compiled
+from gsgd.graphs import flatten as graphs_flatten
 from gsgd.reference import (
     BlockTensors,
     OptTensors,
@@ -57,7 +58,8 @@ from gsgd.reference import (
     node_ratios,
 )
 
-__all__ = ["BlockStep", "CompileFailed", "PlainStep", "StepOutcome", "fast_step"]
+__all__ = ["BlockStep", "CompileFailed", "PlainStep", "PreparedStep", "StepOutcome", "fast_step",
+           "prepare_fused", "run_prepared", "step_numbers"]
 
 #: rows summed per block by the compiled column sums (see :func:`column_sums`)
 ROW_BLOCK = 8
@@ -636,6 +638,84 @@ def _carry(plan: Plan, written: torch.Tensor | None = None) -> torch.Tensor:
     return torch.where(written, plan.carry, plan.magnitudes[:CARRIED])
 
 
+class PreparedStep(NamedTuple):
+    """A one-graph step (:func:`fused_step`, non-gated, no plain parameters) flattened once, for
+    a caller that repeats it with new gradients, hyper-parameters and carried bounds: the
+    graph, its flat inputs (None in those slots: no gradient is kept alive) and the slots, as
+    (slot, block) and, for gradients, (slot, block, layer, 0 weight | 1 bias)."""
+
+    graph: Callable
+    inputs: tuple[torch.Tensor | None, ...]
+    grad_slots: tuple[tuple[int, int, int, int], ...]
+    hyper_slots: tuple[tuple[int, int], ...]
+    carried_slots: tuple[tuple[int, int], ...]
+
+
+def _one_graph(blocks: Sequence[BlockStep]) -> bool:
+    """Does :func:`fast_step` take ``blocks`` (all compiled) as ONE graph?"""
+    return max(_largest_layer(b) for b in blocks) < SMALL_LAYER
+
+
+def prepare_fused(blocks: Sequence[BlockStep]) -> PreparedStep | None:
+    """The flattened call of the one graph :func:`fast_step` just ran for ``blocks`` (every
+    block compiled, with carried bounds, no plain parameters, not gated); None where the step
+    does not take that form or its graph is not built."""
+    if not blocks or not all(b.compile and b.carried is not None for b in blocks) \
+            or not _one_graph(blocks):
+        return None
+    hypers = [_hyper(b) for b in blocks]
+    found = compiled(fused_step, 1).prepared(
+        [(b.tensors, *h, b.carried) for b, h in zip(blocks, hypers, strict=True)], [], None)
+    if found is None:
+        return None
+    graph, tensors = found
+    inputs: list[torch.Tensor | None] = list(tensors)
+    grad_slots, hyper_slots, carried_slots = [], [], []
+    start = 0
+    for i, (b, (hp, _)) in enumerate(zip(blocks, hypers, strict=True)):
+        mine: list[torch.Tensor] = []
+        graphs_flatten((b.tensors, hp, b.carried), mine, [])
+        roles = {id(g): (i, l, 0) for l, g in enumerate(b.tensors.grads)}
+        roles.update({id(g): (i, l, 1) for l, g in enumerate(b.tensors.bias_grads)
+                      if g is not None})
+        for slot in range(start, start + len(mine)):
+            t = tensors[slot]
+            if id(t) in roles:
+                grad_slots.append((slot, *roles[id(t)]))
+                inputs[slot] = None
+            elif t is hp:
+                hyper_slots.append((slot, i))
+                inputs[slot] = None
+            elif t is b.carried:
+                carried_slots.append((slot, i))
+                inputs[slot] = None
+        start += len(mine)
+    return PreparedStep(graph, tuple(inputs), tuple(grad_slots), tuple(hyper_slots),
+                        tuple(carried_slots))
+
+
+def run_prepared(prep: PreparedStep, grads: Sequence[tuple[Tensors, OptTensors]],
+                 hypers: Sequence[torch.Tensor], carried: Sequence[torch.Tensor]
+                 ) -> StepOutcome | None:
+    """The step of :func:`prepare_fused`'s graph with each block's (weight grads, bias grads)
+    (``(out, in, taps)`` views), hyper tensor (:func:`step_numbers`) and carried bound: one
+    host sync; None (nothing written) where the step is not finite or not bounded, for
+    :func:`fast_step` to decide (it measures the norms afresh, or refuses)."""
+    x = list(prep.inputs)
+    for slot, i, l, kind in prep.grad_slots:
+        x[slot] = grads[i][kind][l]
+    for slot, i in prep.hyper_slots:
+        x[slot] = hypers[i]
+    for slot, i in prep.carried_slots:
+        x[slot] = carried[i]
+    ok, safe, counts, carries = prep.graph(*x)
+    head = torch.stack([ok, safe, *counts]).tolist()
+    if not (head[0] and head[1]):
+        return None
+    clipped = [int(c) for c in head[2:]]
+    return StepOutcome(True, clipped, None, sum(clipped), carried=list(carries))
+
+
 # --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
@@ -647,21 +727,26 @@ def _hyper_tensor(values: tuple[float, ...], dtype: torch.dtype,
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
-    """(numbers, static flags) of a block step: floats eagerly, a tensor for a graph. On the
-    first momentum step dampening is 0 (the zero buffer then becomes d). A tensor lr is read
-    on the host here (a sync)."""
-    h = step.hyper
+def step_numbers(h: StepHyper, first: bool, like: torch.Tensor | None = None
+                 ) -> tuple[Hyper, StepFlags]:
+    """(numbers, static flags) of a group's hyper-parameters: floats, or with ``like`` (a
+    weight of a compiled block) one tensor on its device. On the first momentum step dampening
+    is 0 (the zero buffer then becomes d). A tensor lr is read on the host here (a sync)."""
     lam_pos, lam_neg = (float(x) for x in h.bp_norm)
-    values = Numbers(float(h.lr), float(h.momentum), 0.0 if step.first else float(h.dampening),
+    values = Numbers(float(h.lr), float(h.momentum), 0.0 if first else float(h.dampening),
                      float(h.weight_decay), float(h.max_ratio), lam_pos, lam_neg)
     flags = StepFlags(bool(h.nesterov), bool(h.weight_decay or lam_pos), bool(lam_neg))
-    if not step.compile:
+    if like is None:
         return values, flags
-    w = step.tensors.weights[0]
     # at least float32: bf16 / fp16 weights must not round lr or momentum (0.9 -> 0.8984375)
-    dtype = w.dtype if w.dtype == torch.float64 else torch.float32
-    return _hyper_tensor(values, dtype, w.device), flags
+    dtype = like.dtype if like.dtype == torch.float64 else torch.float32
+    return _hyper_tensor(values, dtype, like.device), flags
+
+
+def _hyper(step: BlockStep) -> tuple[Hyper, StepFlags]:
+    """:func:`step_numbers` of a block step: floats eagerly, a tensor for a graph."""
+    return step_numbers(step.hyper, step.first,
+                        step.tensors.weights[0] if step.compile else None)
 
 
 def _largest_layer(step: BlockStep) -> int:
@@ -690,8 +775,7 @@ def fast_step(blocks: Sequence[BlockStep], plain: Sequence[PlainStep], *, gated:
                   for b in blocks]
     hypers = [_hyper(b) for b in blocks]
     to_compile = [i for i, b in enumerate(blocks) if b.compile]
-    one_graph = bool(to_compile) and \
-        max(_largest_layer(blocks[i]) for i in to_compile) < SMALL_LAYER
+    one_graph = bool(to_compile) and _one_graph([blocks[i] for i in to_compile])
     planned = [i for i, b in enumerate(blocks) if not (one_graph and b.compile)]
     # the write bounds of eager blocks and plain parameters are decided on the host, with the
     # step's one sync -- unless there is no sync (gated) or one graph needs them as its gate

@@ -84,6 +84,16 @@ class FlatCompiled:
         self.graphs[structure] = graph
         return out
 
+    def prepared(self, *args) -> tuple[Callable, list[torch.Tensor]] | None:
+        """(graph, flat tensors) of a call like ``self(*args)`` whose graph is already built
+        (None if it is not): a caller that repeats the call with a few tensors swapped can skip
+        the flattening."""
+        tensors: list[torch.Tensor] = []
+        tokens: list = []
+        flatten(args, tensors, tokens)
+        graph = self.graphs.get(tuple(tokens))
+        return None if graph is None else (graph, tensors)
+
     def _compile(self, structure: tuple) -> Callable:
         fn = self.fn
 

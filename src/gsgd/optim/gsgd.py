@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from gsgd.basis import route_products
-from gsgd.fast import BlockStep, CompileFailed, PlainStep, StepOutcome, fast_step
+from gsgd.fast import (
+    BlockStep,
+    CompileFailed,
+    PlainStep,
+    PreparedStep,
+    StepOutcome,
+    fast_step,
+    prepare_fused,
+    run_prepared,
+    step_numbers,
+)
 from gsgd.optim.common import (
     BoundBlock,
     GBlockOptimizer,
@@ -24,6 +35,27 @@ from gsgd.optim.common import (
 )
 from gsgd.reference import BlockTensors, StepHyper
 from gsgd.structure import Structure
+
+
+class Lane(NamedTuple):
+    """The steady state of a compiled step, prepared once (:func:`gsgd.fast.prepare_fused`):
+    the same whole blocks every step, each with a carried bound, no plain parameter with a
+    gradient, every group raising on refused steps. ``settings``: per block, what of its
+    group must not change (:func:`_settings`); ``carriers``: how many carrier ratios the
+    blocks have (for the clipping warning)."""
+
+    prepared: PreparedStep
+    keys: tuple[tuple[int, int, int], ...]
+    parts: tuple[BoundBlock, ...]
+    settings: tuple[tuple, ...]
+    carriers: int
+
+
+def _settings(group: dict) -> tuple:
+    """What of a param group a prepared step depends on besides its numbers."""
+    return (bool(group["momentum"]), bool(group["nesterov"]), bool(group["weight_decay"]),
+            tuple(bool(x) for x in group.get("bp_norm", (0.0, 0.0))), bool(group["maximize"]),
+            group["compile"] is True, group["on_nonfinite"])
 
 
 def _hyper(group: dict) -> StepHyper:
@@ -172,6 +204,7 @@ class GSGD(GBlockOptimizer):
 
     def _bound(self, bound: list) -> None:
         self.__dict__.pop("_carried", None)
+        self.__dict__.pop("_lane", None)
         if "_blocks" in self.__dict__:
             self._flush()  # the pending counters are per block of the old binding
         self._blocks = self._bound_blocks(bound)
@@ -225,6 +258,7 @@ class GSGD(GBlockOptimizer):
         super().load_state_dict(state_dict)
         self._reset_pending()
         self.__dict__.pop("_carried", None)
+        self.__dict__.pop("_lane", None)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -235,6 +269,8 @@ class GSGD(GBlockOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._lane_step():
+            return loss
         owners, steps, fresh, copies, parts = self._gather_blocks()
         gated = self._gated(steps)
         plain_params, plain = self._gather_plain(fresh, gated)
@@ -260,7 +296,79 @@ class GSGD(GBlockOptimizer):
             for q, buf in zip(params, p.buffers or [None] * len(params), strict=True):
                 if buf is not None:
                     self.state[q]["momentum_buffer"] = buf
+        self._lane = None
+        if outcome.taken is True and not (gated or plain or copies or fresh):
+            self._lane = self._make_lane(parts, steps)
         return loss
+
+    # ------------------------------------------------------------------ the prepared step
+    #: take repeated compiled steps by their prepared call (:class:`Lane`); False: always the
+    #: whole path (the tests compare the two)
+    LANE = True
+
+    def _make_lane(self, parts: list[tuple[tuple[int, int, int], BoundBlock]],
+                   steps: list[BlockStep]) -> Lane | None:
+        """The lane of a step just taken by one graph, if it covers every block whole."""
+        whole = len(parts) == len(self._blocks) and all(
+            key == (k, 0, len(bp.weights)) for k, ((key, _), bp)
+            in enumerate(zip(parts, self._blocks, strict=True)))
+        if not (self.LANE and whole) or any(bp.approx_bn for bp in self._blocks) \
+                or any(s.first or s.hyper.maximize for s in steps):  # maximize: negated grads
+            return None
+        prepared = prepare_fused(steps)
+        if prepared is None:
+            return None
+        carriers = sum(r.num_carriers for s in steps for r in s.tensors.routes)
+        return Lane(prepared, tuple(k for k, _ in parts), tuple(p for _, p in parts),
+                    tuple(_settings(self.param_groups[p.group]) for _, p in parts), carriers)
+
+    def _lane_step(self) -> bool:
+        """Take the step by the prepared call if nothing it depends on has changed since it
+        was made (the stamps of every tensor, the groups' settings, which parameters have
+        gradients); False (nothing done) otherwise, or where its graph wrote nothing."""
+        lane: Lane | None = self.__dict__.get("_lane")
+        if lane is None:
+            return False
+        kept = self.__dict__.get("_carried", {})
+        grads, hypers, carried, stamps = [], [], [], []
+        for key, part, settings in zip(lane.keys, lane.parts, lane.settings, strict=True):
+            entry = kept.get(key)
+            group = self.param_groups[part.group]
+            if entry is None or entry[2] >= self.CARRY_STEPS or _settings(group) != settings:
+                return False
+            stamp = self._stamps(part)
+            if stamp != entry[0]:
+                return False
+            gs = []
+            for w, shape in zip(part.weights, part.shapes, strict=True):
+                g = w.grad
+                if g is None or g.is_sparse or not g.is_contiguous() or g.dtype != w.dtype:
+                    return False
+                gs.append(g.view(shape))
+            gbs = []
+            for b in part.biases:
+                gb = None if b is None else b.grad
+                if b is not None and (gb is None or gb.is_sparse or gb.dtype != b.dtype):
+                    return False
+                gbs.append(gb)
+            grads.append((gs, gbs))
+            hypers.append(step_numbers(_hyper(group), False, part.weights[0])[0])
+            carried.append(entry[1])
+            stamps.append(entry)
+        if any(p.grad is not None for p in self._plain):
+            return False
+        outcome = run_prepared(lane.prepared, grads, hypers, carried)
+        if outcome is None:
+            return False
+        for key, part, carry, entry in zip(lane.keys, lane.parts, outcome.carried, stamps,
+                                           strict=True):
+            kept[key] = (self._stamps(part), carry, entry[2] + 1)
+        self._record(outcome, False, [k for k, _, _ in lane.keys], [])
+        self._steps_since_flush += 1
+        if outcome.clipped_total and outcome.clipped_total >= self.CLIP_SHARE_WARN * \
+                lane.carriers:
+            self._warn_clipping(outcome.clipped_total, lane.carriers)
+        return True
 
     def _gated(self, steps: list[BlockStep]) -> bool:
         """Take the step without a host sync? Only if every group skips refused steps, and no
@@ -297,11 +405,15 @@ class GSGD(GBlockOptimizer):
     def _warn_if_clipping(self, clipped: int, steps: list[BlockStep]) -> None:
         carriers = sum(r.num_carriers for s in steps for r in s.tensors.routes)
         if carriers and clipped >= self.CLIP_SHARE_WARN * carriers:
+            self._warn_clipping(clipped, carriers)
+
+    def _warn_clipping(self, clipped: int, carriers: int) -> None:
+        if carriers:
             warnings.warn(
                 f"GSGD: the carrier-ratio guard changed {clipped} of {carriers} carrier ratios "
                 "in one step: the lr is too large for this init (the step leaves the paper's "
                 "trajectory; see step_amplification() and init='skeleton')", InitScaleWarning,
-                stacklevel=5)  # past step() and torch's two wrappers of it
+                stacklevel=6)  # past step() and torch's two wrappers of it
 
     def _compile_failed(self, message: str) -> None:
         warnings.warn(f"GSGD(compile=True): torch.compile failed ({message}); falling back to "
