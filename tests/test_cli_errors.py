@@ -150,6 +150,11 @@ def no_sweep_lists(tmp_path, mp, trained):
     return ["sweep", str(write_tiny(tmp_path / "c.toml")), "--out", str(tmp_path / "o")]
 
 
+def negative_widen(tmp_path, mp, trained):
+    return ["sweep", str(write_tiny(tmp_path / "c.toml")), "--widen", "-1",
+            "--out", str(tmp_path / "o")]
+
+
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 CASES = [
     Case("binary config", binary_config, 2, lambda t: [str(t / "bad.toml"), "not a text file"]),
@@ -177,6 +182,7 @@ CASES = [
     Case("CNN --widths with the wrong number of stages", cnn_widths, 2,
          lambda t: ["widths = [4, 4]", "3 stages", "--widths C,C,C"]),
     Case("sweep without sweep lists", no_sweep_lists, 2, lambda t: ["sweep = [", "tiny"]),
+    Case("sweep --widen negative", negative_widen, 2, lambda t: ["--widen -1", ">= 0"]),
 ]
 SKIP = {"--out read-only": (ROOT, "root may write anywhere"),
         "--device cuda without a GPU": (torch.cuda.is_available(), "a GPU is here")}

@@ -18,6 +18,10 @@ REQUIRED = ("mnist_mlp_paper", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd
             "pathsgd_unbalanced", "fashion_plainnet", "fashion_resnet20",
             "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu", "mnist_adam_family",
             "mnist_adam_family_short", "mnist_bp_norm_short")
+# presets whose settings include nets that diverge from the skeleton init at the preset's
+# default lr (E1's 32-layer MLPs: the skeleton init's forward pass explodes); their runs may
+# end "diverged" (with a reason), never crash
+MAY_DIVERGE = ("e1_depth_init",)
 
 
 
@@ -37,8 +41,14 @@ def test_preset_dry_run_trains_every_optimizer_and_writes_the_report(path, tmp_p
         info = json.loads((exp_dir / "experiment.json").read_text())
         if info["synthetic"]:  # e.g. CIFAR: not obtainable here
             assert "SYNTHETIC" in out and "SYNTHETIC" in (exp_dir / "report.md").read_text()
+        finished = 0
         for spec in cfg.optimizers:
             final = json.loads((exp_dir / spec.label / "seed"
                                 f"{cfg.experiment.seeds[0]}" / "final.json").read_text())
+            if final["status"] == "diverged" and path.stem in MAY_DIVERGE:
+                assert final["reason"], "a diverged run says why"
+                continue
             assert final["status"] == "finished" and final["epochs"] == 1
             assert 0.0 <= final["final"]["test_acc"] <= 1.0
+            finished += 1
+        assert finished, "at least one optimizer of every model trains"

@@ -2,8 +2,10 @@
 mean of the minibatch losses optimised (also across a kill + resume), nothing is selected on the
 test split, paired gaps carry t-intervals and n, diverged runs are not averaged, runs at chance
 are flagged, every report names its data and the epochs run; on_nonfinite in configs, sweep
-seeds disjoint from evaluation seeds, ``sweep --jobs``. Tiny digits runs, or run directories
-written by hand where the report's arithmetic is checked."""
+seeds disjoint from evaluation seeds, ``sweep --jobs``; the paired gaps of three metrics with
+sign counts, the per-run clip counters and ``summary.json``; sweep widening until the choice is
+interior. Tiny digits runs, run directories written by hand where the report's arithmetic is
+checked, or sweeps whose training is a known function of the lr."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 
 from gsgd.cli import main
 from gsgd.data import Split
-from gsgd.experiments import runner
-from gsgd.experiments.config import ConfigError, config_from_dict, sweep_seeds
+from gsgd.experiments import runner, sweep
+from gsgd.experiments.config import ConfigError, config_from_dict, load_config, sweep_seeds
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data, synthetic_splits
 from gsgd.experiments.files import LOCK_NAME
 from gsgd.experiments.optimizers import build_optimizer
@@ -34,7 +36,7 @@ from gsgd.experiments.runner import (
     train_run,
 )
 from gsgd.experiments.stats import t_interval, t_quantile
-from gsgd.experiments.sweep import run_sweep
+from gsgd.experiments.sweep import open_edges, run_sweep, widen_grid
 
 QUIET = RunOptions(log=None)
 PER_EPOCH = 10  # 320 training examples in batches of 32
@@ -248,12 +250,14 @@ def test_gaps_are_paired_with_a_t_interval_and_n_and_last_k_averages_the_last_ep
     runs[("SGD", 3)] = sgd[0]  # no G-SGD partner: not in the gap
     exp = fake_experiment(tmp_path / "e", runs)
     text = write_report(exp).read_text()
-    assert "- G-SGD − SGD: +2.33, 95% CI [-1.46, +6.13] (n = 3 seeds, sd 1.53)" in text
+    gap = ("| G-SGD − SGD | final test acc (pp; higher is better) | +2.33 | [-1.46, +6.13] "
+           "| 1.53 | 3 |")
+    assert gap in text
     # last 2 epochs: the same differences, test acc (60 + 70) / 2 for SGD
     assert main(["report", str(exp), "--last-k", "2"]) == 0
     text = (exp / "report.md").read_text()
     assert "last-2 test acc" in text and table_row(text, "SGD")[2] == "65.00 ± 0.00"
-    assert "G-SGD − SGD: +2.33, 95% CI [-1.46, +6.13]" in text
+    assert gap.replace("final", "last-2") in text
     capsys.readouterr()
     # the config's report_last_k is the default of write_report
     exp2 = fake_experiment(tmp_path / "e2", runs, report_last_k=3)
@@ -368,7 +372,7 @@ def test_sweep_seeds_are_disjoint_from_the_evaluation_seeds_by_default():
 def test_sweep_trains_on_sweep_seeds_in_worker_processes_with_jobs(tmp_path, small):
     config = digits_config([{"name": "sgd", "lr": 0.1, "sweep": [1e-5, 0.1]}], epochs=1,
                            seeds=(0,))
-    result = run_sweep(config, tmp_path, replace(QUIET, jobs=2), data=small)
+    result = run_sweep(config, tmp_path, replace(QUIET, jobs=2), data=small, widen=0)
     assert result.chosen == {"": {"SGD": 0.1}}
     run_dirs = sorted(tmp_path.glob("t-sweep/*/seed*"))
     assert [d.name for d in run_dirs] == ["seed1000", "seed1000"]
@@ -377,3 +381,307 @@ def test_sweep_trains_on_sweep_seeds_in_worker_processes_with_jobs(tmp_path, sma
     text = result.report.read_text()
     assert "sweep seeds [1000]" in text and "disjoint from the evaluation seeds [0]" in text
     assert "Data: digits (the real dataset)." in text
+
+
+# --------------------------------------------------------------------------- gaps, counters
+
+T975 = {3: 3.182446305284263, 4: 2.7764451051977987}  # t_{0.975, df}, printed tables
+# (val accs, test accs, train losses) of 3 epochs per run; G-SGD seed 4 diverges in epoch 2
+HAND = {
+    ("SGD", 0): ([.80, .85, .84], [.79, .83, .82], [.9, .5, .40]),
+    ("SGD", 1): ([.70, .90, .88], [.71, .86, .87], [.8, .6, .30]),
+    ("SGD", 2): ([.81, .82, .86], [.80, .81, .84], [.7, .5, .35]),
+    ("SGD", 3): ([.75, .80, .79], [.74, .78, .80], [.9, .7, .50]),
+    ("SGD", 4): ([.60, .70, .80], [.61, .72, .79], [1., .8, .60]),
+    ("G-SGD", 0): ([.82, .88, .86], [.80, .84, .85], [.8, .4, .30]),
+    ("G-SGD", 1): ([.72, .89, .91], [.73, .85, .90], [.7, .5, .32]),
+    ("G-SGD", 2): ([.86, .83, .85], [.82, .81, .84], [.6, .4, .35]),  # final test tied
+    ("G-SGD", 3): ([.77, .84, .83], [.76, .80, .79], [.8, .6, .45]),
+    ("G-SGD", 4): ([.65], [.66], [.9]),
+    ("G-SGD-b", 0): ([.81, .86, .85], [.80, .84, .83], [.8, .5, .41]),
+    ("G-SGD-b", 1): ([.71, .90, .89], [.70, .87, .88], [.8, .6, .28]),
+    ("G-SGD-b", 2): ([.80, .83, .87], [.79, .80, .86], [.7, .5, .33]),
+    ("G-SGD-b", 3): ([.74, .81, .80], [.73, .79, .81], [.9, .7, .52]),
+    ("G-SGD-b", 4): ([.62, .71, .82], [.60, .73, .81], [1., .8, .55]),
+}
+DIVERGED = {"epoch": 2, "diverged": True, "batch": 3, "reason": "non-finite training loss nan",
+            "lr": 0.1}
+
+
+def hand_experiment(exp_dir: Path, **config_exp) -> Path:
+    """:data:`HAND` as an experiment directory; G-SGD runs record the optimizer's counters."""
+    runs = {}
+    for (label, seed), (vals, tests, losses) in HAND.items():
+        counters = {} if label == "SGD" else {"clipped": 2 * seed, "skipped_steps": seed % 2}
+        runs[(label, seed)] = [epoch(e + 1, v, t, loss, **counters)
+                               for e, (v, t, loss) in enumerate(zip(vals, tests, losses,
+                                                                    strict=True))]
+    runs[("G-SGD", 4)].append(DIVERGED)
+    return fake_experiment(exp_dir, runs, **config_exp)
+
+
+def brute_values(label: str, seed: int, last_k: int = 1) -> dict[str, float]:
+    """The three metrics of one :data:`HAND` run, computed here by hand."""
+    vals, tests, losses = HAND[(label, seed)]
+    best = max(range(len(vals)), key=lambda i: (vals[i], -i))  # the first highest val acc
+    return {"test_acc": sum(tests[-last_k:]) / last_k, "test_acc_at_best_val": tests[best],
+            "train_loss": sum(losses[-last_k:]) / last_k}
+
+
+def brute_gap(label: str, key: str, seeds: list[int], last_k: int = 1) -> dict:
+    """mean, t-interval, sd and sign count of ``label`` − SGD over ``seeds``, by hand."""
+    scale, higher = (1.0, False) if key == "train_loss" else (100.0, True)
+    d = [scale * (brute_values(label, s, last_k)[key] - brute_values("SGD", s, last_k)[key])
+         for s in seeds]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = T975[n - 1] * sd / math.sqrt(n)
+    better = sum(1 for x in d if (x > 0) == higher and x != 0)
+    tied = d.count(0.0)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n,
+            "better": better, "worse": n - better - tied, "tied": tied, "seeds": seeds}
+
+
+METRIC_TEXT = {"test_acc": "final test acc (pp; higher is better)",
+               "test_acc_at_best_val": "test acc at best val (pp; higher is better)",
+               "train_loss": "final train loss (lower is better)"}
+
+
+def gap_row(text: str, label: str, metric: str) -> list[str]:
+    (row,) = [line for line in text.splitlines()
+              if line.startswith(f"| {label} − SGD | {metric} |")]
+    return [c.strip() for c in row.strip("|").split("|")][2:]
+
+
+def test_paired_gaps_of_three_metrics_with_sign_counts_match_a_brute_force_computation(
+        tmp_path):
+    exp = hand_experiment(tmp_path / "e")
+    text = write_report(exp).read_text()
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["baseline"] == "SGD" and summary["last_k"] == 1
+    for label, seeds in (("G-SGD", [0, 1, 2, 3]), ("G-SGD-b", [0, 1, 2, 3, 4])):
+        for key, metric in METRIC_TEXT.items():
+            want = brute_gap(label, key, seeds)
+            d = 4 if key == "train_loss" else 2
+            assert gap_row(text, label, metric) == [
+                f"{want['mean']:+.{d}f}", f"[{want['lo']:+.{d}f}, {want['hi']:+.{d}f}]",
+                f"{want['sd']:.{d}f}", str(want["n"]),
+                f"better in {want['better']} of {want['n']} seeds, worse in {want['worse']}, "
+                f"tied {want['tied']}"], (label, key)
+            got = summary["optimizers"][label]["gaps"][key]
+            for k in ("mean", "lo", "hi", "sd"):
+                assert got[k] == pytest.approx(want[k], rel=1e-8, abs=1e-10), (label, key, k)
+            assert {k: got[k] for k in ("n", "better", "worse", "tied", "seeds")} == {
+                k: want[k] for k in ("n", "better", "worse", "tied", "seeds")}
+    # the hand-made values have each kind of sign: a tie, a worse seed, an all-better metric
+    assert "better in 2 of 4 seeds, worse in 1, tied 1" in gap_row(
+        text, "G-SGD", METRIC_TEXT["test_acc"])[-1]
+    assert "lower is better" in text and "a negative gap is an improvement" in text
+    # the diverged run is in no pair, and listed
+    assert "Excluded from the pairs (diverged): G-SGD seed 4." in text
+    assert summary["optimizers"]["G-SGD"]["gaps"]["test_acc"]["seeds"] == [0, 1, 2, 3]
+    # --last-k 2: the final metrics average the last 2 epochs; test acc at best val stays
+    assert main(["report", str(exp), "--last-k", "2"]) == 0
+    text2 = (exp / "report.md").read_text()
+    want = brute_gap("G-SGD-b", "test_acc", [0, 1, 2, 3, 4], last_k=2)
+    assert gap_row(text2, "G-SGD-b", "last-2 test acc (pp; higher is better)")[0] == \
+        f"{want['mean']:+.2f}"
+    want = brute_gap("G-SGD-b", "train_loss", [0, 1, 2, 3, 4], last_k=2)
+    assert gap_row(text2, "G-SGD-b", "last-2 train loss (lower is better)")[0] == \
+        f"{want['mean']:+.4f}"
+    assert gap_row(text2, "G-SGD-b", METRIC_TEXT["test_acc_at_best_val"]) == \
+        gap_row(text, "G-SGD-b", METRIC_TEXT["test_acc_at_best_val"])
+    assert json.loads((exp / "summary.json").read_text())["last_k"] == 2
+
+
+def test_the_baseline_can_be_named_and_an_unknown_one_is_refused(tmp_path, capsys):
+    exp = hand_experiment(tmp_path / "e", report_baseline="G-SGD-b")
+    text = write_report(exp).read_text()
+    assert "Paired gaps to G-SGD-b" in text and "| SGD − G-SGD-b |" in text
+    assert "| G-SGD − SGD |" not in text
+    assert json.loads((exp / "summary.json").read_text())["baseline"] == "G-SGD-b"
+    assert "| G-SGD-b − G-SGD |" in write_report(exp, baseline="G-SGD").read_text()
+    with pytest.raises(ConfigError, match="'Adam'.*labels: SGD, G-SGD, G-SGD-b"):
+        write_report(exp, baseline="Adam")
+
+
+def test_the_per_run_table_shows_each_runs_clip_counter_and_skipped_steps(tmp_path):
+    exp = hand_experiment(tmp_path / "e")
+    text = write_report(exp).read_text()
+    assert "| seed | optimizer | status | epochs | clipped | skipped steps |" in text
+    rows = [line for line in text.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert rows[:3] == ["| 0 | SGD | finished | 3 | - | - |",  # by seed: the pairs together
+                        "| 0 | G-SGD | finished | 3 | 0 | 0 |",
+                        "| 0 | G-SGD-b | finished | 3 | 0 | 0 |"]
+    assert len(rows) == len(HAND) and "| 3 | G-SGD-b | finished | 3 | 6 | 1 |" in rows
+    # the diverged run: its counters at the last epoch that recorded them, its 1 epoch
+    assert "| 4 | G-SGD | diverged | 1 | 8 | 0 |" in rows
+    runs = json.loads((exp / "summary.json").read_text())["optimizers"]["G-SGD"]["runs"]
+    assert runs[4] == {"seed": 4, "status": "diverged", "epochs": 1, "clipped": 8,
+                       "skipped_steps": 0}
+    # the counters are cumulative: the last recorded value, not a sum over epochs
+    grown = [epoch(1, .5, .5, clipped=3), epoch(2, .6, .6, clipped=7), epoch(3, .7, .7)]
+    exp2 = fake_experiment(tmp_path / "e2", {("G-SGD", 0): grown}, unfinished=(("G-SGD", 0),))
+    assert "| 0 | G-SGD | unfinished | 3 | 7 | - |" in write_report(exp2).read_text()
+
+
+def test_summary_json_has_the_tables_numbers_sorted_and_is_rewritten_the_same(tmp_path):
+    exp = hand_experiment(tmp_path / "e")
+    write_report(exp)
+    raw = (exp / "summary.json").read_text()
+    summary = json.loads(raw)
+    assert raw == json.dumps(summary, indent=1, sort_keys=True) + "\n"  # sorted keys
+    sgd = summary["optimizers"]["SGD"]
+    assert set(summary["optimizers"]) == {"SGD", "G-SGD", "G-SGD-b"}
+    assert sgd["gaps"] == {} and (sgd["n"], sgd["seeds"]) == (5, [0, 1, 2, 3, 4])
+    assert (summary["optimizers"]["G-SGD"]["n"], summary["optimizers"]["G-SGD"]["diverged"]) \
+        == (4, 1)
+    for key in ("test_acc", "test_acc_at_best_val", "train_loss"):
+        scale = 1.0 if key == "train_loss" else 100.0
+        values = [scale * brute_values("SGD", s)[key] for s in range(5)]
+        mean = sum(values) / 5
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+        assert sgd["columns"][key] == {"mean": pytest.approx(mean, rel=1e-9),
+                                       "std": pytest.approx(std, rel=1e-8), "n": 5}
+    assert set(sgd["columns"]) == {"test_acc", "test_acc_at_best_val", "val_acc", "train_loss",
+                                   "train_eval_loss", "time"}
+    # the report's table cites the same numbers
+    assert table_row((exp / "report.md").read_text(), "SGD")[2] == \
+        f"{sgd['columns']['test_acc']['mean']:.2f} ± {sgd['columns']['test_acc']['std']:.2f}"
+    write_report(exp)
+    assert (exp / "summary.json").read_text() == raw
+    assert not list(exp.glob(".*tmp*"))
+
+
+def test_a_sweep_directory_reports_the_gaps_of_the_metrics_it_has(tmp_path):
+    """No test split evaluated: the gap of the final val accuracy and of the train loss."""
+    runs = {(label, s): [{k: v for k, v in epoch(1, 0.5 + d * s, 0.0, 0.5 - d).items()
+                          if not k.startswith("test")}]
+            for label, d in (("SGD@lr=0.1", 0.0), ("SGD@lr=0.3", 0.01)) for s in (0, 1, 2)}
+    exp = fake_experiment(tmp_path / "e", runs, epochs=1)
+    text = write_report(exp).read_text()
+    metrics = [line.split("|")[2].strip() for line in text.splitlines()
+               if line.startswith("| SGD@lr=0.3 − SGD@lr=0.1 |")]
+    assert metrics == ["final val acc (pp; higher is better)",
+                       "final train loss (lower is better)"]
+    assert "better in 2 of 3 seeds, worse in 0, tied 1" in text  # val acc, seed 0 tied
+    assert "better in 3 of 3 seeds, worse in 0, tied 0" in text  # train loss
+    gaps = json.loads((exp / "summary.json").read_text())["optimizers"]["SGD@lr=0.3"]["gaps"]
+    assert set(gaps) == {"val_acc", "train_loss"}
+    assert gaps["train_loss"]["mean"] == pytest.approx(-0.01)
+
+
+# --------------------------------------------------------------------------- sweep widening
+
+
+def peaked(lr: float, peak: float = 0.1) -> float:
+    """A validation accuracy that falls off with |log10(lr / peak)|."""
+    return 0.9 - 0.1 * abs(math.log10(lr / peak))
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Sweep training replaced by a known function of the lr: ``trained`` lists the lrs of each
+    round's runs; ``diverge_above`` makes larger lrs diverge."""
+    class Fake:
+        trained: list[list[float]] = []
+        diverge_above = math.inf
+        peak = 0.1
+
+        def __call__(self, tasks, options, data, given=None):
+            self.trained.append(sorted({spec.lr for _, spec, _, _ in tasks}))
+            return [{"status": "finished",
+                     "final": {"val_acc": peaked(spec.lr, self.peak) + 1e-3 * seed,
+                               "train_loss": 1.0}} if spec.lr <= self.diverge_above
+                    else {"status": "diverged", "final": None}
+                    for _, spec, seed, _ in tasks]
+    fake = Fake()
+    fake.trained = []
+    monkeypatch.setattr(sweep, "run_tasks", fake)
+    return fake
+
+
+def sgd_sweep(lrs: list[float]):
+    return digits_config([{"name": "sgd", "lr": 0.1, "sweep": lrs}], epochs=1, seeds=(0, 1))
+
+
+@pytest.mark.parametrize("lrs,peak,widen,grid,best,trained", [
+    ([0.01, 0.03], 0.1, 2, (0.01, 0.03, 0.09, 0.27), 0.09,
+     [[0.01, 0.03], [0.09], [0.27]]),  # at the top: widened upwards twice
+    ([1.0, 3.0], 0.1, 3, (0.037037, 0.111111, 0.333333, 1.0, 3.0), 0.111111,
+     [[1.0, 3.0], [0.333333], [0.111111], [0.037037]]),  # at the bottom: downwards
+    ([0.1], 0.1, 2, (0.0316228, 0.1, 0.316228), 0.1,
+     [[0.1], [0.0316228, 0.316228]]),  # one lr: both sides by sqrt(10), then interior
+])
+def test_a_choice_at_the_edge_widens_the_grid_until_it_is_interior(
+        tmp_path, small, fake_training, lrs, peak, widen, grid, best, trained):
+    fake_training.peak = peak
+    result = run_sweep(sgd_sweep(lrs), tmp_path, QUIET, data=small, widen=widen)
+    choice = result.choices[""]["SGD"]
+    assert (choice.grid, choice.lr, choice.interior) == (grid, best, True)
+    assert result.chosen == {"": {"SGD": best}}
+    assert fake_training.trained == trained  # every lr trained once, on both sweep seeds
+    assert all(len(choice.scores[lr]) == 2 for lr in grid)
+    text = result.report.read_text()
+    for lr in grid:
+        added = "grid" if lr in lrs else "widening"
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| SGD | {lr:g} |")]
+        assert f"| {added}" in row and (("**yes**" in row) == (lr == best)), row
+    assert f"- SGD: lr {best:g} is interior" in text and "Warning" not in text
+    (tuned,) = result.configs
+    assert load_config(tuned).optimizers[0].lr == best
+    header = tuned.read_text().split("\n[experiment]")[0]
+    assert f"SGD [{', '.join(f'{lr:g}' for lr in grid)}] -> {best:g} (interior" in header
+
+
+def test_a_diverged_lr_above_the_choice_bounds_the_grid(tmp_path, small, fake_training):
+    fake_training.diverge_above = 0.05
+    result = run_sweep(sgd_sweep([0.01, 0.03]), tmp_path, QUIET, data=small, widen=2)
+    choice = result.choices[""]["SGD"]
+    assert (choice.grid, choice.lr, choice.interior) == ((0.01, 0.03, 0.09), 0.03, True)
+    assert fake_training.trained == [[0.01, 0.03], [0.09]]
+    assert "the lr above it, 0.09, diverged: a bound" in result.report.read_text()
+    # every lr diverged: the choice is the smallest, and only the bottom widens
+    inf = math.inf
+    assert open_edges({0.1: [(-inf, inf)], 0.3: [(-inf, inf)]}) == ("low",)
+    assert open_edges({0.1: [(-inf, inf)]}) == ("low",)
+    assert open_edges({0.1: [(0.5, 1.0)]}) == ("low", "high")
+
+
+def test_widen_0_keeps_the_grid_and_warns_that_the_choice_is_at_the_edge(tmp_path, small,
+                                                                         fake_training):
+    result = run_sweep(sgd_sweep([0.01, 0.03]), tmp_path, QUIET, data=small, widen=0)
+    choice = result.choices[""]["SGD"]
+    assert (choice.grid, choice.lr, choice.edges, choice.widenings) == (
+        (0.01, 0.03), 0.03, ("high",), 0)
+    assert fake_training.trained == [[0.01, 0.03]]
+    text = result.report.read_text()
+    assert "**Warning: SGD: lr 0.03 is the largest lr: at the edge of the grid after 0 " \
+           "widenings**" in text
+    assert "(AT THE EDGE, 0 widenings)" in result.configs[0].read_text()
+
+
+def test_widen_grid_is_geometric_beyond_each_edge():
+    assert widen_grid([0.03, 0.01], ["high"]) == (0.01, 0.03, 0.09)
+    assert widen_grid([0.01, 0.03, 0.1], ["low"]) == (0.00333333, 0.01, 0.03, 0.1)
+    assert widen_grid([0.01, 0.1], ["low", "high"]) == (0.001, 0.01, 0.1, 1.0)
+    assert widen_grid([0.1], ["low", "high"]) == (0.0316228, 0.1, 0.316228)
+    assert widen_grid([0.1, 0.3], []) == (0.1, 0.3)
+
+
+def test_widening_reuses_the_runs_of_an_earlier_sweep(tmp_path, small):
+    """Real (tiny) training: a sweep without widening, then one with: only the added lr
+    trains, the runs on disk are skipped."""
+    config = sgd_sweep([1e-5, 1e-4])
+    first = run_sweep(config, tmp_path, QUIET, data=small, widen=0)
+    assert first.choices[""]["SGD"].edges == ("high",)
+    runs = sorted(tmp_path.glob("t-sweep/*/seed*/metrics.jsonl"))
+    before = {p: p.stat().st_mtime_ns for p in runs}
+    second = run_sweep(config, tmp_path, QUIET, data=small, widen=1)
+    assert second.choices[""]["SGD"].grid == (1e-5, 1e-4, 1e-3)
+    assert {p: p.stat().st_mtime_ns for p in runs} == before
+    assert sorted(d.name for d in (tmp_path / "t-sweep").iterdir() if d.is_dir()) == [
+        "SGD@lr=0.0001", "SGD@lr=0.001", "SGD@lr=1e-05"]
+    assert second.choices[""]["SGD"].scores[1e-4] == first.choices[""]["SGD"].scores[1e-4]

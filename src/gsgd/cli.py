@@ -3,7 +3,7 @@
     gsgd demo                          the README's comparison: G-SGD vs SGD on MNIST, 3 seeds
     gsgd run CONFIG [--dry-run] ...    every optimizer x seed of a TOML config, then the report
     gsgd compare --dataset mnist ...   an ad-hoc comparison without a config file
-    gsgd sweep CONFIG                  pick each optimizer's lr on the validation split
+    gsgd sweep CONFIG [--widen N]      pick each optimizer's lr on the validation split
     gsgd report DIR                    rebuild report.md / curves.png of a results directory
     gsgd summary CONFIG | --widths ... print a model's G-structure (blocks, m, H, plain params)
 """
@@ -23,16 +23,19 @@ from pathlib import Path
 from gsgd.experiments.config import (
     ADAM_FAMILY,
     DATASET_SHAPES,
+    INIT_WEIGHTS,
     MODEL_KINDS,
     SCHEDULES,
     Config,
     ConfigError,
     check_name,
     config_from_dict,
+    input_shape,
     load_config,
 )
 from gsgd.experiments.files import DirectoryBusy, ForeignDirectoryError
 from gsgd.experiments.optimizers import OPTIMIZERS
+from gsgd.experiments.sweep import DEFAULT_WIDEN
 
 __all__ = ["build_parser", "demo_config", "main"]
 
@@ -150,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="choose each optimizer's lr on the validation split")
     p.add_argument("config", type=Path)
     _add_run_options(p)
+    p.add_argument("--widen", type=int, default=DEFAULT_WIDEN, metavar="N",
+                   help="when a choice is the smallest or largest lr of its grid, add one lr "
+                        "beyond that edge (geometric) and choose again, up to N times "
+                        "(default: %(default)s; 0: keep the grid)")
 
     p = sub.add_parser("compare", help="ad-hoc comparison without a config file")
     p.add_argument("--name", help="experiment name, the results directory under --out: letters,"
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skeleton", action=argparse.BooleanOptionalAction, default=True,
                    help="the paper's skeleton init for every optimizer (default on)")
+    p.add_argument("--init-weights", choices=INIT_WEIGHTS, default="default",
+                   help="the weights before the skeleton init, for every optimizer: 'default' "
+                        "(PyTorch's init) or 'he' (N(0, 2/fan_in), biases 0; [init] weights)")
     p.add_argument("--pathcond", action=argparse.BooleanOptionalAction, default=False,
                    help="PathCond (gsgd.pathcond, function-preserving) after the init, for "
                         "every optimizer (default off; a config file can ask for it per "
@@ -303,9 +313,11 @@ def _cmd_run(args: argparse.Namespace, config: Config | None = None) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from gsgd.experiments.sweep import run_sweep
 
+    if args.widen < 0:
+        raise ConfigError(f"--widen {args.widen}: must be >= 0 (0: no widening)")
     config = _override(load_config(args.config), args)
     out = _out_dir(args, config, "-sweep")
-    result = run_sweep(config, out, _options(args))
+    result = run_sweep(config, out, _options(args), widen=args.widen)
     print(result.report.read_text().rstrip())
     print(f"\nSweep report: {result.report}")
     for path in result.configs:
@@ -338,7 +350,8 @@ def _compare_config(args: argparse.Namespace) -> Config:
                        "batch_size": args.batch_size,
                        "seeds": args.seeds or [0], "epochs": args.epochs or 3},
         "model": model,
-        "init": {"skeleton": args.skeleton, "pathcond": args.pathcond},
+        "init": {"skeleton": args.skeleton, "pathcond": args.pathcond,
+                 "weights": args.init_weights},
         "optimizers": opts,
     })
 
@@ -390,15 +403,15 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
     if args.config is not None:
         config = load_config(args.config)
-        variants = [(v, c.model, c.experiment.dataset) for v, c in config.variants()]
+        variants = [(v, c.model, c.experiment) for v, c in config.variants()]
     else:
         config = config_from_dict({"experiment": {"name": "summary", "dataset": args.dataset},
                                    "model": _model_table(args),
                                    "optimizers": [{"name": "gsgd", "lr": 0.1}]})
-        variants = [("", config.model, args.dataset)]
-    for variant, model_cfg, dataset in variants:
-        shape, classes = DATASET_SHAPES[dataset]
-        model = build_model(model_cfg, shape, classes, seed=0)
+        variants = [("", config.model, config.experiment)]
+    for variant, model_cfg, exp in variants:
+        classes = DATASET_SHAPES[exp.dataset][1]
+        model = build_model(model_cfg, input_shape(exp), classes, seed=0)
         if variant:
             print(f"== {variant}")
         print(model_structure(model, model_cfg).summary())

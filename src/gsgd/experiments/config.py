@@ -5,14 +5,16 @@ A config file has four parts (every key optional unless marked)::
     [experiment]   name (required), dataset (required), description, data_root, seeds, epochs,
                    batch_size, val_size, split_seed, eval_every, train_eval_size,
                    eval_batch_size, checkpoint_every, device, dtype, threads, sweep_seeds,
-                   report_last_k
+                   report_last_k, pool
     [model]        kind ("mlp" | "plainnet" | "resnet"), widths (MLP: units per layer, input
                    first, classes last; CNN: channels per stage; a list of lists gives several
                    model variants), bias, depth, batchnorm, bn_mode, cut, shortcut
-    [init]         skeleton, keep_sign, rescale = {base, low, high}, pathcond
+    [init]         weights ("default" | "he"), skeleton, keep_sign, rescale = {base, low, high},
+                   pathcond
     [[optimizers]] name (required), lr (required), label, momentum, weight_decay, nesterov,
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
-                   pathcond, and per optimizer: max_ratio, compile, on_nonfinite, bp_norm
+                   pathcond, skeleton, weights, and per optimizer: max_ratio, compile,
+                   on_nonfinite, bp_norm
                    (gsgd), betas / eps (adam), betas / eps / amsgrad / decay_carriers /
                    bp_norm / max_ratio / on_nonfinite (gadam, gadamw), c (enorm)
 
@@ -28,6 +30,19 @@ and skipping the evaluation seeds), so that the lr is not chosen on the runs it 
 by. ``report_last_k``: the reports' "final" numbers are the mean of each run's last k evaluated
 epochs (default 1: the last epoch). ``on_nonfinite`` (gsgd): "raise" (default; the run is
 recorded as diverged) or "skip" (a step with non-finite values is not taken, and counted).
+
+``pool = k`` (default 1: none): every split (train / val / test) is average-pooled once at load
+time with a k x k window and stride k, x'[c, i, j] = mean of x[c, k*i : k*i + k, k*j : k*j + k]
+(28x28 Fashion-MNIST with k = 4: 7x7 = 49 inputs, the paper's [49:h:h:10] nets); k must divide
+both image sides, and MLP widths[0] is checked against the pooled shape (:func:`input_shape`).
+
+The init, in this order: the model is built from the seed (``weights = "default"``: PyTorch's
+default init; ``"he"``: every Linear / Conv weight re-drawn by :func:`gsgd.models.he_init`,
+N(0, 2 / fan_in), biases 0), then the skeleton init (designated weights := 1, ``skeleton``),
+the optional ``rescale`` and PathCond. ``skeleton`` and ``weights`` in one ``[[optimizers]]``
+entry override ``[init]``'s for that optimizer's runs only (omitted: ``[init]``'s value), so
+one experiment can hold "G-SGD from the skeleton init", "SGD from the same skeleton init" and
+"SGD from He init", paired by seed (same base draw, same batch order; :meth:`Config.init_for`).
 
 PathCond (:func:`gsgd.pathcond`, a function-preserving rescaling of every G-block) at the start:
 ``[init] pathcond = true`` applies it for every optimizer, after the skeleton init and the
@@ -57,6 +72,8 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "Config",
     "ConfigError",
+    "INIT_OVERRIDES",
+    "INIT_WEIGHTS",
     "ExperimentSection",
     "InitSection",
     "ModelSection",
@@ -66,6 +83,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_to_toml",
+    "input_shape",
     "load_config",
     "sweep_seeds",
 ]
@@ -88,6 +106,8 @@ MODEL_KINDS = ("mlp", "plainnet", "resnet")
 BN_MODES = ("exact", "approximate")
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # the registry's names, in its order
 SCHEDULES = ("constant", "exp", "step")
+INIT_WEIGHTS = ("default", "he")
+INIT_OVERRIDES = ("skeleton", "weights")  # [[optimizers]] keys that override [init]'s
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 ON_NONFINITE = ("raise", "skip")
@@ -124,6 +144,7 @@ class ExperimentSection:
     threads: int = 0  # torch threads while training (0: leave torch's default)
     sweep_seeds: tuple[int, ...] = ()  # () : disjoint from seeds, see sweep_seeds()
     report_last_k: int = 1  # reports: "final" = mean of the last k evaluated epochs
+    pool: int = 1  # every split average-pooled k x k, stride k, at load time (1: none)
 
 
 @dataclass(frozen=True)
@@ -163,12 +184,14 @@ class RescaleSpec:
 
 @dataclass(frozen=True)
 class InitSection:
-    """[init]: the paper's skeleton init (designated weights := 1), then an optional rescaling."""
+    """[init]: the base weights ("default": PyTorch's init; "he": N(0, 2 / fan_in), biases 0),
+    then the paper's skeleton init (designated weights := 1), then an optional rescaling."""
 
     skeleton: bool = True
     keep_sign: bool = False
     rescale: RescaleSpec | None = None
     pathcond: bool = False  # gsgd.pathcond after skeleton / rescale, for every optimizer
+    weights: str = "default"  # "he": gsgd.models.he_init before the skeleton init
 
 
 @dataclass(frozen=True)
@@ -196,6 +219,8 @@ class OptimizerSpec:
     amsgrad: bool = False
     decay_carriers: bool = False
     pathcond: bool = False  # gsgd.pathcond on this optimizer's model copy, after the init
+    skeleton: bool | None = None  # None: [init] skeleton; else this optimizer's own
+    weights: str | None = None  # None: [init] weights; else this optimizer's own
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -232,6 +257,14 @@ class Config:
         return [("-".join(map(str, w)), replace(self, model=replace(self.model, widths=w)))
                 for w in profiles]
 
+    def init_for(self, spec: OptimizerSpec | None = None) -> InitSection:
+        """The init ``spec``'s runs start from: ``[init]`` with the ``skeleton`` / ``weights``
+        that ``spec`` sets itself in place of ``[init]``'s (``[init]`` when None)."""
+        if spec is None:
+            return self.init
+        own = {k: getattr(spec, k) for k in INIT_OVERRIDES if getattr(spec, k) is not None}
+        return replace(self.init, **own) if own else self.init
+
     def optimizer(self, label: str) -> OptimizerSpec:
         """The optimizer spec with this label."""
         for spec in self.optimizers:
@@ -253,6 +286,13 @@ def sweep_seeds(exp: ExperimentSection) -> tuple[int, ...]:
             out.append(seed)
         seed += 1
     return tuple(out)
+
+
+def input_shape(exp: ExperimentSection) -> tuple[int, int, int]:
+    """(channels, height, width) of the inputs ``exp`` trains on: the dataset's shape
+    (:data:`DATASET_SHAPES`) with both image sides divided by ``exp.pool``."""
+    (c, h, w), _ = DATASET_SHAPES[exp.dataset]
+    return c, h // exp.pool, w // exp.pool
 
 
 # --------------------------------------------------------------------------- checkers
@@ -429,6 +469,7 @@ _EXPERIMENT_KEYS: dict[str, Check] = {
     "threads": _int_at_least(0),
     "sweep_seeds": _seeds,
     "report_last_k": _int_at_least(1),
+    "pool": _int_at_least(1),
 }
 _MODEL_KEYS: dict[str, Check] = {
     "kind": _choice(MODEL_KINDS),
@@ -449,6 +490,7 @@ _INIT_KEYS: dict[str, Check] = {
     "skeleton": _boolean,
     "keep_sign": _boolean,
     "pathcond": _boolean,
+    "weights": _choice(INIT_WEIGHTS),
 }
 _OPTIMIZER_KEYS: dict[str, Check] = {
     "name": _choice(OPTIMIZER_NAMES),
@@ -472,6 +514,8 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "amsgrad": _boolean,
     "decay_carriers": _boolean,
     "pathcond": _boolean,
+    "skeleton": _boolean,
+    "weights": _choice(INIT_WEIGHTS),
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if not any(k in r.keys for r in OPTIMIZERS.values()))
@@ -501,20 +545,29 @@ def _section(table: Any, section: str, schema: Mapping[str, Check],
 
 
 def _experiment(table: Any) -> ExperimentSection:
-    return ExperimentSection(**_section(table, "experiment", _EXPERIMENT_KEYS,
-                                        required=("name", "dataset")))
+    exp = ExperimentSection(**_section(table, "experiment", _EXPERIMENT_KEYS,
+                                       required=("name", "dataset")))
+    (_c, h, w), _ = DATASET_SHAPES[exp.dataset]
+    if h % exp.pool or w % exp.pool:
+        allowed = [k for k in range(1, min(h, w) + 1) if h % k == 0 and w % k == 0]
+        raise ConfigError(f"[experiment] pool = {exp.pool}: dataset {exp.dataset!r} has {h}x{w} "
+                          "images and the pooling window must divide both sides; allowed "
+                          f"values: {', '.join(map(str, allowed))}")
+    return exp
 
 
-def _model(table: Any, dataset: str) -> ModelSection:
+def _model(table: Any, exp: ExperimentSection) -> ModelSection:
     model = ModelSection(**_section(table, "model", _MODEL_KEYS))
     if model.kind == "mlp":
         if not model.widths:
             raise ConfigError("[model]: kind = 'mlp' needs widths = [input, hidden..., classes]")
-        (c, h, w), classes = DATASET_SHAPES[dataset]
+        c, h, w = input_shape(exp)
+        classes = DATASET_SHAPES[exp.dataset][1]
+        pooled = f" pooled {exp.pool}x{exp.pool} to {c}x{h}x{w}" if exp.pool > 1 else ""
         for profile in model.variants:
             if profile[0] != c * h * w or profile[-1] != classes:
                 raise ConfigError(
-                    f"[model] widths = {list(profile)}: dataset {dataset!r} needs "
+                    f"[model] widths = {list(profile)}: dataset {exp.dataset!r}{pooled} needs "
                     f"widths[0] = {c * h * w} (input features) and widths[-1] = {classes} "
                     "(classes)")
     else:
@@ -600,7 +653,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "experiment" not in data:
         raise ConfigError("missing section [experiment] (name, dataset, ...)")
     experiment = _experiment(data["experiment"])
-    model = _model(data.get("model", {}), experiment.dataset)
+    model = _model(data.get("model", {}), experiment)
     init = _init(data.get("init", {}))
     raw_opts = data.get("optimizers")
     if not isinstance(raw_opts, list) or not raw_opts:

@@ -13,10 +13,17 @@ still running) and writes, atomically, ``report.md`` and ``curves.png``. What th
   line), or its last evaluated loss is not finite. Diverged runs are listed and never averaged:
   ``n`` (tables) and the legends count the runs averaged;
 * **at chance**: a final accuracy <= :data:`CHANCE_FACTOR` / classes; flagged (still averaged);
-* **gaps**: each optimizer minus the first plain-SGD one, paired by seed over the seeds where
-  both runs are averaged: mean, 95 % t-interval (:mod:`gsgd.experiments.stats`) and n.
+* **gaps**: each optimizer minus the baseline (the first plain-SGD one, or the label named by
+  ``baseline`` / ``[experiment] report_baseline``), paired by seed over the seeds where both
+  runs are averaged, of the final test (sweeps: val) accuracy, the test accuracy at the
+  best-validation epoch and the final train loss (lower is better): mean, 95 % t-interval
+  (:mod:`gsgd.experiments.stats`), sd, n and the sign count (seeds better / worse / tied);
+* **per run**: status, epochs, and the optimizer's counters as the runner recorded them at the
+  last epoch: ``clipped`` (G-SGD / G-Adam ``clip_counts()`` total) and ``skipped_steps``.
 
 Every report names its data (a SYNTHETIC banner where synthetic) and the epochs actually run.
+``write_report`` also writes ``summary.json`` (sorted keys): per optimizer the table's means and
+stds, the paired gaps and the per-run counters, for documents that cite the numbers.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from gsgd.experiments.config import DATASET_SHAPES, ExperimentSection
+from gsgd.experiments.config import DATASET_SHAPES, ConfigError, ExperimentSection
 from gsgd.experiments.files import atomic_open, atomic_write_text, read_json
-from gsgd.experiments.stats import t_interval
+from gsgd.experiments.stats import Interval, t_interval
 
-__all__ = ["CHANCE_FACTOR", "Curves", "Gap", "OptimizerRow", "RunRecord", "best_val_epoch",
-           "load_runs", "markdown_report", "nonfinite_losses", "paired_gaps", "plot_curves",
-           "summarize", "upgrade_record", "write_group_report", "write_report"]
+__all__ = ["CHANCE_FACTOR", "Curves", "Gap", "Metric", "OptimizerRow", "PairedGap",
+           "RunCounters", "RunRecord", "SignCount", "all_gaps", "best_val_epoch", "gap_metrics",
+           "load_runs", "markdown_report", "metric_gaps", "nonfinite_losses", "paired_gaps",
+           "plot_curves", "resolve_baseline", "run_counters", "run_value", "sign_count",
+           "summarize", "summary_record", "upgrade_record", "write_group_report",
+           "write_report"]
 
 CHANCE_FACTOR = 1.5  # a final accuracy <= 1.5 / classes is flagged as "at chance"
 LEVEL = 0.95  # of the t-intervals of the gaps
@@ -207,6 +217,20 @@ class OptimizerRow:
 _KEYS = ("test_acc", "test_acc_at_best_val", "val_acc", "train_loss", "train_eval_loss", "time")
 
 
+def run_value(run: RunRecord, key: str, last_k: int = 1) -> float | None:
+    """One run's number of a table column: ``test_acc_at_best_val`` (the test accuracy in its
+    best-validation epoch), ``time`` (mean s/epoch), else the final ``key`` (``last_k`` > 1:
+    the mean of its last k evaluated epochs); None when not recorded or not finite."""
+    if key == "test_acc_at_best_val":
+        v = run.at_best_val("test_acc")
+    elif key == "time":
+        times = run.values("time")
+        v = statistics.fmean(times) if times else None
+    else:
+        v = run.last(key, last_k)
+    return v if v is not None and math.isfinite(v) else None
+
+
 def accuracy_key(runs: list[RunRecord]) -> str:
     """``test_acc`` when any run evaluated the test split, else ``val_acc`` (lr sweeps)."""
     return "test_acc" if any(r.last("test_acc") is not None for r in runs) else "val_acc"
@@ -230,15 +254,9 @@ def summarize(runs: list[RunRecord], last_k: int = 1,
         row.running += run.running
         row.averaged.append(run.seed)
         row.epochs.append(len(run.epochs))
-        times = run.values("time")
-        values = {"test_acc": run.last("test_acc", last_k),
-                  "test_acc_at_best_val": run.at_best_val("test_acc"),
-                  "val_acc": run.last("val_acc", last_k),
-                  "train_loss": run.last("train_loss", last_k),
-                  "train_eval_loss": run.last("train_eval_loss", last_k),
-                  "time": statistics.fmean(times) if times else None}
-        for key, v in values.items():
-            if v is not None and math.isfinite(v):
+        for key in _KEYS:
+            v = run_value(run, key, last_k)
+            if v is not None:
                 row.values[key].append(v)
         acc = run.last(acc_key)
         if classes and acc is not None and acc <= CHANCE_FACTOR / classes:
@@ -264,21 +282,144 @@ class Gap(NamedTuple):
                 f"{iv.high:+.{digits}f}] (n = {iv.n} seeds, sd {iv.sd:.{digits}f})")
 
 
-def paired_gaps(runs: list[RunRecord], key: str = "test_acc", last_k: int = 1) -> list[Gap]:
-    """A :class:`Gap` of the final ``key`` (``last_k``: mean of the last k epochs) for every
-    optimizer other than the first plain-SGD one, paired over the seeds where both runs are
-    averaged (not diverged, ``key`` recorded)."""
-    reference = next((r.label for r in runs if r.optimizer == "sgd"), None)
+class Metric(NamedTuple):
+    """A metric of the paired-gap table: the run value ``key`` (:func:`run_value`), its name in
+    the report, which direction is better, and its report units (``scale``, ``digits``)."""
+
+    key: str
+    name: str
+    higher_is_better: bool
+    scale: float = 1.0
+    digits: int = 4
+
+
+class SignCount(NamedTuple):
+    """In how many paired seeds an optimizer is better / worse than / tied with the baseline."""
+
+    better: int
+    worse: int
+    tied: int
+
+    @property
+    def n(self) -> int:
+        """How many seeds were compared."""
+        return self.better + self.worse + self.tied
+
+    def text(self) -> str:
+        """e.g. ``better in 4 of 5 seeds, worse in 1, tied 0``."""
+        return f"better in {self.better} of {self.n} seeds, worse in {self.worse}, tied {self.tied}"
+
+
+def sign_count(diffs: list[float] | tuple[float, ...], higher_is_better: bool) -> SignCount:
+    """The :class:`SignCount` of per-seed differences (optimizer minus baseline); an exactly
+    equal pair is a tie."""
+    better = sum(1 for d in diffs if (d > 0 if higher_is_better else d < 0))
+    tied = sum(1 for d in diffs if d == 0)
+    return SignCount(better, len(diffs) - better - tied, tied)
+
+
+@dataclass(frozen=True)
+class PairedGap:
+    """Per-seed differences ``label`` minus ``reference`` of ``metric``, over ``seeds`` (the seeds
+    where both runs are averaged); ``diffs`` in the metric's own units (accuracies: fractions)."""
+
+    label: str
+    reference: str
+    metric: Metric
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        """How many seeds are paired."""
+        return len(self.diffs)
+
+    @property
+    def interval(self) -> Interval | None:
+        """Mean and t-interval of the differences in report units (None when n = 0)."""
+        if not self.diffs:
+            return None
+        return t_interval([d * self.metric.scale for d in self.diffs], LEVEL)
+
+    @property
+    def signs(self) -> SignCount:
+        """Seeds where ``label`` is better / worse / tied (the metric's direction)."""
+        return sign_count(self.diffs, self.metric.higher_is_better)
+
+
+def resolve_baseline(runs: list[RunRecord], name: str | None = None) -> str | None:
+    """The label the gaps are taken against: ``name`` when given (it must be a label of
+    ``runs``: :class:`ConfigError` otherwise), else the first plain-SGD optimizer (None: none)."""
+    if name:
+        labels = list(dict.fromkeys(r.label for r in runs))
+        if name not in labels:
+            raise ConfigError(f"report baseline {name!r}: no optimizer has this label; labels: "
+                              f"{', '.join(labels)}")
+        return name
+    return next((r.label for r in runs if r.optimizer == "sgd"), None)
+
+
+def gap_metrics(runs: list[RunRecord], last_k: int = 1) -> list[Metric]:
+    """The metrics of the paired-gap table that ``runs`` recorded: final test accuracy (val
+    accuracy where no test split was evaluated, as in sweeps), test accuracy at the
+    best-validation epoch, final train loss (lower is better)."""
+    fin = "final" if last_k == 1 else f"last-{last_k}"
+    acc = accuracy_key(runs)
+    metrics = [Metric(acc, f"{fin} {acc.removesuffix('_acc')} acc", True, 100.0, 2),
+               Metric("test_acc_at_best_val", "test acc at best val", True, 100.0, 2),
+               Metric("train_loss", f"{fin} train loss", False, 1.0, 4)]
+    return [m for m in metrics
+            if any(not r.diverged and run_value(r, m.key, last_k) is not None for r in runs)]
+
+
+def metric_gaps(runs: list[RunRecord], metric: Metric, reference: str | None,
+                last_k: int = 1) -> list[PairedGap]:
+    """A :class:`PairedGap` of ``metric`` for every label other than ``reference`` (in run
+    order), paired over the seeds where both runs are averaged (not diverged, value recorded);
+    [] without a reference."""
     if reference is None:
         return []
-    by = {(r.label, r.seed): r.last(key, last_k) for r in runs
-          if not r.diverged and r.last(key) is not None}
-    labels = list(dict.fromkeys(r.label for r in runs if r.label != reference))
+    by = {(r.label, r.seed): v for r in runs if not r.diverged
+          and (v := run_value(r, metric.key, last_k)) is not None}
     out = []
-    for label in labels:
-        seeds = sorted(s for (lab, s) in by if lab == label and (reference, s) in by)
-        out.append(Gap(label, reference, [by[(label, s)] - by[(reference, s)] for s in seeds]))
+    for label in dict.fromkeys(r.label for r in runs if r.label != reference):
+        seeds = tuple(sorted(s for (lab, s) in by if lab == label and (reference, s) in by))
+        out.append(PairedGap(label, reference, metric, seeds,
+                             tuple(by[(label, s)] - by[(reference, s)] for s in seeds)))
     return out
+
+
+def paired_gaps(runs: list[RunRecord], key: str = "test_acc", last_k: int = 1,
+                reference: str | None = None) -> list[Gap]:
+    """A :class:`Gap` of the final ``key`` (``last_k``: mean of the last k epochs) for every
+    optimizer other than ``reference`` (default: the first plain-SGD one), paired over the
+    seeds where both runs are averaged (not diverged, ``key`` recorded)."""
+    gaps = metric_gaps(runs, Metric(key, key, True), resolve_baseline(runs, reference), last_k)
+    return [Gap(g.label, g.reference, list(g.diffs)) for g in gaps]
+
+
+class RunCounters(NamedTuple):
+    """One run's line of the per-run table: the optimizer's counters as recorded at its last
+    epoch (None: the optimizer has no such counter, or nothing was recorded)."""
+
+    label: str
+    seed: int
+    status: str  # finished, diverged or unfinished
+    epochs: int  # completed epochs
+    clipped: int | None  # clip_counts() total (G-SGD, G-Adam)
+    skipped_steps: int | None
+
+
+def _last_recorded(run: RunRecord, key: str) -> int | None:
+    vals = [h[key] for h in run.history if h.get(key) is not None]
+    return int(vals[-1]) if vals else None
+
+
+def run_counters(run: RunRecord) -> RunCounters:
+    """The :class:`RunCounters` of ``run`` (the counters are cumulative: the last recorded)."""
+    status = "diverged" if run.diverged else "finished" if run.finished else "unfinished"
+    return RunCounters(run.label, run.seed, status, len(run.epochs),
+                       _last_recorded(run, "clipped"), _last_recorded(run, "skipped_steps"))
 
 
 # --------------------------------------------------------------------------- text
@@ -350,9 +491,76 @@ def _title(exp_dir: Path, info: dict) -> str:
                                              if info.get("variant") else "")
 
 
+def _gap_cells(gap: PairedGap) -> list[str]:
+    """mean, CI, sd, n and sign count of one gap, in report units."""
+    iv, d = gap.interval, gap.metric.digits
+    if iv is None:
+        return ["-", "-", "-", "0", "no seed where both runs are averaged"]
+    ci = "- (n = 1)" if iv.low is None else f"[{iv.low:+.{d}f}, {iv.high:+.{d}f}]"
+    sd = "-" if iv.sd is None else f"{iv.sd:.{d}f}"
+    return [f"{iv.mean:+.{d}f}", ci, sd, str(iv.n), gap.signs.text()]
+
+
+def _metric_text(metric: Metric) -> str:
+    better = "higher" if metric.higher_is_better else "lower"
+    return f"{metric.name} (" + ("pp; " if metric.scale == 100 else "") + f"{better} is better)"
+
+
+def all_gaps(runs: list[RunRecord], reference: str | None, last_k: int = 1
+             ) -> list[PairedGap]:
+    """The gaps of every :func:`gap_metrics` metric, by optimizer (run order), then metric."""
+    per_metric = [metric_gaps(runs, m, reference, last_k) for m in gap_metrics(runs, last_k)]
+    labels = dict.fromkeys(r.label for r in runs if r.label != reference)
+    return [g for label in labels for gaps in per_metric for g in gaps if g.label == label]
+
+
+def _gap_lines(runs: list[RunRecord], reference: str | None, named: bool,
+               last_k: int) -> list[str]:
+    """The paired-gap section of ``report.md`` (nothing without a baseline or a second label)."""
+    gaps = all_gaps(runs, reference, last_k)
+    if not gaps:
+        return []
+    how = "named in the report settings" if named else "the first plain-SGD optimizer"
+    fin = "last epoch" if last_k == 1 else f"last {last_k} evaluated epochs"
+    lines = ["", f"Paired gaps to {reference} (the baseline: {how}), by seed: optimizer − "
+             f"{reference} over the n seeds where both runs are averaged (diverged runs are "
+             f"excluded from the pairs); mean, {100 * LEVEL:g}% t-interval and sd over those "
+             "seeds. Accuracies in percentage points (pp), higher is better; train loss = the "
+             f"mean minibatch loss of the {fin}, lower is better (a negative gap is an "
+             f"improvement). Sign count: the seeds where the optimizer is better than, worse "
+             f"than or tied with {reference}.", "",
+             "| gap | metric | mean | 95% CI | sd | n | sign count |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g.label} − {g.reference} | {_metric_text(g.metric)} | "
+              + " | ".join(_gap_cells(g)) + " |" for g in gaps]
+    diverged = [f"{r.label} seed {r.seed}" for r in runs if r.diverged]
+    if diverged:
+        lines += ["", f"Excluded from the pairs (diverged): {', '.join(diverged)}."]
+    return lines
+
+
+def _counter_lines(runs: list[RunRecord]) -> list[str]:
+    """The per-run table of ``report.md``, by seed: status, epochs and the optimizer's
+    counters."""
+    def cell(v: int | None) -> str:
+        return "-" if v is None else str(v)
+    order = list(dict.fromkeys(r.label for r in runs))
+    counters = sorted(map(run_counters, runs), key=lambda c: (c.seed, order.index(c.label)))
+    lines = ["", "Per run, by seed: epochs completed; clipped = the optimizer's clip counter at "
+             "its last recorded epoch (the total of G-SGD's `clip_counts()`: carrier ratios its "
+             "guard changed); skipped steps = steps not taken (`skipped_steps()`, on_nonfinite "
+             "= \"skip\"); \"-\": the optimizer has no such counter.", "",
+             "| seed | optimizer | status | epochs | clipped | skipped steps |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {c.seed} | {c.label} | {c.status} | {c.epochs} | {cell(c.clipped)} | "
+              f"{cell(c.skipped_steps)} |" for c in counters]
+    return lines
+
+
 def markdown_report(exp_dir: Path, runs: list[RunRecord], title: str = "",
-                    last_k: int = 1) -> str:
-    """The Markdown text of ``report.md``."""
+                    last_k: int = 1, baseline: str | None = None) -> str:
+    """The Markdown text of ``report.md`` (``baseline``: the label the gaps are taken against;
+    default: the first plain-SGD optimizer)."""
     info = _experiment_info(exp_dir)
     lines = [f"# {title or _title(exp_dir, info)}", ""]
     if info.get("description"):
@@ -401,14 +609,62 @@ def markdown_report(exp_dir: Path, runs: list[RunRecord], title: str = "",
                   "run(s): their metrics were written before the runner recorded it (their "
                   "train-eval loss is the eval-mode loss on the train subset, which earlier "
                   "reports mislabelled \"train loss\")."]
-    gaps = paired_gaps(runs, f"{acc}_acc", last_k)
-    if gaps:
-        lines += ["", f"Gap in {fin} {acc} accuracy (percentage points), paired by seed: mean, "
-                  f"{100 * LEVEL:g}% t-interval over the n seeds where both runs are averaged:",
-                  ""]
-        lines += [f"- {g.label} − {g.reference}: {g.text()}" for g in gaps]
+    lines += _gap_lines(runs, resolve_baseline(runs, baseline), bool(baseline), last_k)
+    lines += _counter_lines(runs)
     lines += ["", "Learning curves: curves.png", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- summary.json
+
+_SCALES = {"test_acc": 100.0, "test_acc_at_best_val": 100.0, "val_acc": 100.0}
+
+
+def _number(v: float | None) -> float | None:
+    """``v`` to 10 significant digits (float noise off, so the file is stable)."""
+    return None if v is None else float(f"{v:.10g}")
+
+
+def _column(values: list[float], scale: float) -> dict:
+    return {"mean": _number(statistics.fmean(values) * scale) if values else None,
+            "std": _number(statistics.stdev(values) * scale) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def _gap_record(gap: PairedGap) -> dict:
+    iv, signs = gap.interval, gap.signs
+    return {"mean": _number(iv.mean) if iv else None,
+            "lo": _number(iv.low) if iv else None, "hi": _number(iv.high) if iv else None,
+            "sd": _number(iv.sd) if iv else None, "n": gap.n, "seeds": list(gap.seeds),
+            "better": signs.better, "worse": signs.worse, "tied": signs.tied,
+            "higher_is_better": gap.metric.higher_is_better}
+
+
+def summary_record(info: dict, runs: list[RunRecord], last_k: int = 1,
+                   baseline: str | None = None, title: str = "") -> dict:
+    """The content of ``summary.json``: per optimizer label the n, the mean / std of each table
+    column, the paired gaps to the baseline (mean, lo, hi, sd, n, seeds, sign counts) and the
+    per-run counters. Accuracies in %, their gaps in percentage points, losses as recorded."""
+    reference = resolve_baseline(runs, baseline)
+    rows = summarize(runs, last_k, _classes(info))
+    gaps = all_gaps(runs, reference, last_k)
+    counters = [run_counters(r) for r in runs]
+    optimizers = {}
+    for row in rows:
+        optimizers[row.label] = {
+            "optimizer": row.optimizer, "lr": row.lr, "n": row.n, "seeds": row.averaged,
+            "finished": row.finished, "diverged": row.diverged, "unfinished": row.running,
+            "columns": {k: _column(v, _SCALES.get(k, 1.0)) for k, v in row.values.items()},
+            "gaps": {g.metric.key: _gap_record(g) for g in gaps if g.label == row.label},
+            "runs": [{"seed": c.seed, "status": c.status, "epochs": c.epochs,
+                      "clipped": c.clipped, "skipped_steps": c.skipped_steps}
+                     for c in counters if c.label == row.label]}
+    return {"title": title, "last_k": last_k, "baseline": reference, "level": LEVEL,
+            "data": info.get("data") or info.get("dataset"),
+            "synthetic": bool(info.get("synthetic")),
+            "units": {"acc": "%", "acc gaps": "percentage points", "loss": "cross-entropy",
+                      "time": "s/epoch", "gaps": "optimizer minus baseline, paired by seed"},
+            "optimizers": optimizers}
 
 
 # --------------------------------------------------------------------------- plot
@@ -491,31 +747,50 @@ def plot_curves(runs: list[RunRecord], path: Path, title: str = "") -> Curves:
 # --------------------------------------------------------------------------- files
 
 
+def _report_setting(exp_dir: Path, key: str, default):
+    exp = (_experiment_info(exp_dir).get("config") or {}).get("experiment", {})
+    return exp.get(key, default)
+
+
 def report_last_k(exp_dir: Path) -> int:
     """``[experiment] report_last_k`` of the experiment's config (1 when absent)."""
-    exp = (_experiment_info(exp_dir).get("config") or {}).get("experiment", {})
-    return int(exp.get("report_last_k", 1))
+    return int(_report_setting(exp_dir, "report_last_k", 1))
 
 
-def write_report(exp_dir: str | Path, last_k: int | None = None) -> Path:
-    """Write ``report.md`` and ``curves.png`` into ``exp_dir``; return the report's path.
-    ``last_k``: "final" numbers are the mean of each run's last k evaluated epochs (default:
-    the config's ``report_last_k``, else 1)."""
+def report_baseline(exp_dir: Path) -> str | None:
+    """``[experiment] report_baseline`` of the experiment's config, where the config has one
+    (None when absent or empty: the first plain-SGD optimizer)."""
+    return _report_setting(exp_dir, "report_baseline", None) or None
+
+
+def write_report(exp_dir: str | Path, last_k: int | None = None,
+                 baseline: str | None = None) -> Path:
+    """Write ``report.md``, ``summary.json`` and ``curves.png`` into ``exp_dir``; return the
+    report's path. ``last_k``: "final" numbers are the mean of each run's last k evaluated
+    epochs (default: the config's ``report_last_k``, else 1); ``baseline``: the label the gaps
+    are taken against (default: the config's ``report_baseline``, else the first plain-SGD
+    optimizer)."""
     exp_dir = Path(exp_dir)
     runs = load_runs(exp_dir)
     if not runs:
         raise FileNotFoundError(f"{exp_dir}: no runs found (expected <label>/seed<k>/spec.json)")
     last_k = report_last_k(exp_dir) if last_k is None else last_k
-    text = markdown_report(exp_dir, runs, last_k=last_k)
+    baseline = report_baseline(exp_dir) if baseline is None else baseline
+    info = _experiment_info(exp_dir)
+    text = markdown_report(exp_dir, runs, last_k=last_k, baseline=baseline)
+    summary = summary_record(info, runs, last_k, baseline, _title(exp_dir, info))
+    atomic_write_text(exp_dir / "summary.json",
+                      json.dumps(summary, indent=1, sort_keys=True, allow_nan=False) + "\n")
     atomic_write_text(exp_dir / "report.md", text)
-    plot_curves(runs, exp_dir / "curves.png", title=_title(exp_dir, _experiment_info(exp_dir)))
+    plot_curves(runs, exp_dir / "curves.png", title=_title(exp_dir, info))
     return exp_dir / "report.md"
 
 
 def write_group_report(group_dir: str | Path, exp_dirs: list[Path],
-                       last_k: int | None = None) -> Path:
+                       last_k: int | None = None, baseline: str | None = None) -> Path:
     """One table over model variants (e.g. widths): each optimizer's final test accuracy and the
-    paired gaps to SGD per variant, the epochs run, with links to the per-variant reports."""
+    paired gaps to the baseline (as in :func:`write_report`) per variant, the epochs run, with
+    links to the per-variant reports."""
     group_dir = Path(group_dir)
     infos = [_experiment_info(d) for d in exp_dirs]
     lines = [f"# {group_dir.name}: per model variant", ""]
@@ -527,7 +802,8 @@ def write_group_report(group_dir: str | Path, exp_dirs: list[Path],
         runs = load_runs(exp_dir)
         rows = summarize(runs, k, _classes(info))
         acc = accuracy_key(runs)
-        gaps = paired_gaps(runs, acc, k)
+        gaps = paired_gaps(runs, acc, k, report_baseline(exp_dir) if baseline is None
+                           else baseline)
         if not header_done:
             fin = "Final" if k == 1 else f"Last-{k}-epoch mean"
             planned = _planned_epochs(info)

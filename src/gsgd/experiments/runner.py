@@ -21,12 +21,17 @@ directories. Temp files of killed writers (``.<file>.tmp<PID>`` of a dead PID) a
 next start. With ``jobs > 1`` the worker processes exit when the parent dies, and an interrupt
 or a failed run cancels the queued runs and ends the workers (a rerun resumes them).
 
-Determinism: the model is built from the seed (PyTorch default init), the batch order is drawn
-from a ``torch.Generator`` seeded with the seed, and the generator state at the start of the
-epoch is checkpointed, so a resumed run replays the same batches (``iterate_batches(start=k)``)
-and ends with bit-identical metrics. The init is the same for every optimizer: the paper's
-skeleton init (designated weights := 1) when ``[init] skeleton``, then the optional random
-rescaling, so SGD from the skeleton init is the fair control. PathCond (:func:`gsgd.pathcond`,
+Determinism: the model is built from the seed (PyTorch default init, or ``[init] weights =
+"he"``: :func:`gsgd.models.he_init` from the seed, with a generator of its own), the batch order
+is drawn from a ``torch.Generator`` seeded with the seed, and the generator state at the start
+of the epoch is checkpointed, so a resumed run replays the same batches
+(``iterate_batches(start=k)``) and ends with bit-identical metrics. The init is the same for
+every optimizer: the paper's skeleton init (designated weights := 1) when ``[init] skeleton``,
+then the optional random rescaling, so SGD from the skeleton init is the fair control; an
+``[[optimizers]]`` entry's own ``skeleton`` / ``weights`` change that optimizer's init only
+(:meth:`Config.init_for`), on the same seed, so its runs stay paired with the others (same base
+draw, same batch order) and its ``final.json`` records the init it used (``"init"``). PathCond
+(:func:`gsgd.pathcond`,
 ``[init] pathcond`` for every optimizer or ``pathcond`` of one optimizer entry, applied after
 that common init) rescales the network without changing its function, so every optimizer still
 starts from the same function; what it did (sweeps, criterion before / after) is in the run's
@@ -56,7 +61,13 @@ from tqdm import tqdm
 from gsgd._process import die_with_parent
 from gsgd.conditioning import PathCondResult, pathcond
 from gsgd.data import DatasetSplits, iterate_batches, num_batches
-from gsgd.experiments.config import Config, OptimizerSpec, config_to_dict
+from gsgd.experiments.config import (
+    INIT_OVERRIDES,
+    Config,
+    InitSection,
+    OptimizerSpec,
+    config_to_dict,
+)
 from gsgd.experiments.datasets import ExperimentData, load_experiment_data
 from gsgd.experiments.files import (
     DamagedRunFile,
@@ -80,6 +91,7 @@ from gsgd.experiments.report import (
 )
 from gsgd.graphs import compile_seconds
 from gsgd.group import random_rescale, skeleton_init
+from gsgd.models import he_init
 from gsgd.optim import GSGD
 from gsgd.optim.common import NonFiniteError, PlainParametersWarning
 from gsgd.structure import Structure
@@ -203,18 +215,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def initial_model(config: Config, seed: int, data: DatasetSplits,
                   spec: OptimizerSpec | None = None
                   ) -> tuple[nn.Module, Structure, PathCondResult | None]:
-    """Model from ``seed``, its structure, the skeleton init and the optional rescaling, then
+    """Model from ``seed`` and its structure, in the init ``spec`` starts from
+    (:meth:`Config.init_for`: ``[init]`` with ``spec``'s own ``skeleton`` / ``weights``): He
+    weights when ``weights = "he"``, then the skeleton init, the optional rescaling, then
     PathCond when ``[init] pathcond`` or ``spec.pathcond`` asks for it; with what PathCond did
     (None when it did not run)."""
+    init = config.init_for(spec)
     model = build_model(config.model, data.input_shape, data.num_classes, seed)
+    if init.weights == "he":
+        he_init(model, seed)
     structure = model_structure(model, config.model)
-    if config.init.skeleton:
-        skeleton_init(model, structure, keep_sign=config.init.keep_sign)
-    r = config.init.rescale
+    if init.skeleton:
+        skeleton_init(model, structure, keep_sign=init.keep_sign)
+    r = init.rescale
     if r is not None:
         random_rescale(model, structure, seed=seed, low=r.low, high=r.high, base=r.base)
     conditioned = None
-    if config.init.pathcond or (spec is not None and spec.pathcond):
+    if init.pathcond or (spec is not None and spec.pathcond):
         conditioned = pathcond(model, structure)
     return model, structure, conditioned
 
@@ -222,7 +239,7 @@ def initial_model(config: Config, seed: int, data: DatasetSplits,
 def prepare_model(config: Config, seed: int, data: DatasetSplits,
                   spec: OptimizerSpec | None = None):
     """(model, structure) of :func:`initial_model`: the init every optimizer of ``config``
-    starts from (and ``spec``'s own PathCond when it asks for one)."""
+    starts from (and ``spec``'s own init overrides and PathCond when it asks for them)."""
     model, structure, _ = initial_model(config, seed, data, spec)
     return model, structure
 
@@ -242,19 +259,33 @@ _NOT_IN_SPEC = ("name", "description", "seeds", "sweep_seeds", "epochs", "eval_e
 # so that the spec.json of an earlier run still matches.
 _LATER_OPTIMIZER_KEYS = {"on_nonfinite": "raise", "bp_norm": (0.0, 0.0), "amsgrad": False,
                          "decay_carriers": False, "pathcond": False}
+# The same for [experiment] and [init] keys (config_to_dict leaves defaults out already; this
+# keeps them out of spec.json even if it did not).
+_LATER_EXPERIMENT_KEYS = {"pool": 1}
+_LATER_INIT_KEYS = {"weights": "default"}
 _NO_DEFAULT = object()
+
+
+def _without_later_defaults(table: dict, later: dict) -> dict:
+    return {k: v for k, v in table.items() if later.get(k, _NO_DEFAULT) != v}
 
 
 def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
               options: RunOptions) -> dict:
-    """What determines a run's numbers (epochs excluded: a finished run can be extended)."""
-    cfg = config_to_dict(config)
+    """What determines a run's numbers (epochs excluded: a finished run can be extended).
+
+    ``"init"`` is the init this run starts from (:meth:`Config.init_for`): an optimizer's own
+    ``skeleton`` / ``weights`` enter it there, not under ``"optimizer"``, so a run has the same
+    spec whether its init comes from ``[init]`` or from its optimizer entry."""
+    cfg = config_to_dict(replace(config, init=config.init_for(spec)))
     exp = {k: v for k, v in cfg["experiment"].items() if k not in _NOT_IN_SPEC}
     return {
-        "experiment": exp, "model": cfg["model"], "init": cfg["init"],
+        "experiment": _without_later_defaults(exp, _LATER_EXPERIMENT_KEYS),
+        "model": cfg["model"], "init": _without_later_defaults(cfg["init"], _LATER_INIT_KEYS),
         "optimizer": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in asdict(spec).items()
-                      if k != "sweep" and _LATER_OPTIMIZER_KEYS.get(k, _NO_DEFAULT) != v},
+                      if k != "sweep" and k not in INIT_OVERRIDES
+                      and _LATER_OPTIMIZER_KEYS.get(k, _NO_DEFAULT) != v},
         "seed": seed, "data": data_name,
         "limits": {"max_batches_per_epoch": options.max_batches_per_epoch,
                    "eval_limit": options.eval_limit, "evaluate_test": options.evaluate_test},
@@ -319,14 +350,18 @@ def _total(optimizer: torch.optim.Optimizer, counter: str) -> int | None:
 
 
 def _final_summary(history: list[dict], label: str, spec: OptimizerSpec, seed: int,
-                   epochs: int, conditioned: dict | None = None) -> dict:
+                   epochs: int, conditioned: dict | None = None,
+                   init: InitSection | None = None) -> dict:
     """final.json: status, the last evaluated epoch, the best-validation epoch and the test
-    accuracy there (nothing is selected on the test split)."""
+    accuracy there (nothing is selected on the test split), and the init the run used."""
     diverged = [h for h in history if h.get("diverged")]
     done = [h for h in history if not h.get("diverged")]
     evaluated = [h for h in done if h.get("val_acc") is not None]
     best = best_val_epoch(evaluated)
-    extra = {} if conditioned is None else {"pathcond": conditioned}
+    extra: dict = {} if init is None else {
+        "init": {"weights": init.weights, "skeleton": init.skeleton}}
+    if conditioned is not None:
+        extra["pathcond"] = conditioned
     return {
         "label": label, "optimizer": spec.name, "lr": spec.describe_lr(), "seed": seed,
         "status": "diverged" if diverged else "finished",
@@ -531,7 +566,8 @@ def _train_locked(config: Config, spec: OptimizerSpec, seed: int, run_dir: Path,
                                                                   exp.epochs))
     finally:
         bar.close()
-    final = _final_summary(history, spec.label, spec, seed, exp.epochs, conditioned)
+    final = _final_summary(history, spec.label, spec, seed, exp.epochs, conditioned,
+                           config.init_for(spec))
     atomic_write_text(final_path, json.dumps(final, indent=1) + "\n")
     return final
 
