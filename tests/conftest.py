@@ -180,3 +180,28 @@ def f64_default():
     torch.set_default_dtype(F64)
     yield
     torch.set_default_dtype(old)
+
+
+def config_with(base: dict, optimizers: list | None = None, init: dict | None = None,
+                model: dict | None = None, **experiment):
+    """``base`` (a config as a dict) with its optimizers, [init] or [model] replaced and
+    [experiment] keys updated, validated by ``config_from_dict``."""
+    import copy
+
+    from gsgd.experiments.config import config_from_dict
+
+    data = copy.deepcopy(base)
+    for key, value in (("optimizers", optimizers), ("init", init), ("model", model)):
+        if value is not None:
+            data[key] = value
+    data["experiment"].update(experiment)
+    return config_from_dict(data)
+
+
+def config_error(base: dict, **kw) -> str:
+    """The message of the ConfigError that :func:`config_with` raises for ``kw``."""
+    from gsgd.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config_with(base, **kw)
+    return str(info.value)

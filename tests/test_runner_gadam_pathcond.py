@@ -3,7 +3,6 @@ config keys accepted / refused, spec.json only changed when they are used, tiny 
 
 from __future__ import annotations
 
-import copy
 import json
 import tomllib
 from dataclasses import replace
@@ -11,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import config_error, config_with
 from gsgd.experiments.config import (
     _COMMON_OPTIMIZER_KEYS,
-    ConfigError,
     config_from_dict,
     config_to_toml,
 )
@@ -43,20 +42,12 @@ BASE = {
 }
 
 
-def cfg(optimizers=None, init=None, **exp):
-    data = copy.deepcopy(BASE)
-    if optimizers is not None:
-        data["optimizers"] = optimizers
-    if init is not None:
-        data["init"] = init
-    data["experiment"].update(exp)
-    return config_from_dict(data)
+def cfg(optimizers=None, **kw):
+    return config_with(BASE, optimizers, **kw)
 
 
 def error_of(**kw) -> str:
-    with pytest.raises(ConfigError) as info:
-        cfg(**kw)
-    return str(info.value)
+    return config_error(BASE, **kw)
 
 
 # --------------------------------------------------------------------------- config keys

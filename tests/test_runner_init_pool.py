@@ -4,7 +4,6 @@ refused, the init order, pairing by seed, spec.json unchanged for configs withou
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -17,9 +16,10 @@ import torch
 from torch import nn
 
 import gsgd.experiments.runner as runner
+from conftest import config_error, config_with
 from gsgd.basis import block_routes
 from gsgd.cli import _compare_config, build_parser
-from gsgd.experiments.config import ConfigError, config_from_dict, config_to_toml
+from gsgd.experiments.config import config_from_dict, config_to_toml
 from gsgd.experiments.datasets import load_experiment_data, synthetic_splits
 from gsgd.experiments.models import build_model, model_structure
 from gsgd.experiments.runner import (
@@ -48,22 +48,12 @@ ARMS = [{"name": "gsgd", "lr": 0.1}, {"name": "sgd", "lr": 0.1},
         {"name": "sgd", "lr": 0.1, "label": "SGD-He", "skeleton": False, "weights": "he"}]
 
 
-def cfg(optimizers=None, init=None, model=None, **exp):
-    data = copy.deepcopy(BASE)
-    if optimizers is not None:
-        data["optimizers"] = optimizers
-    if init is not None:
-        data["init"] = init
-    if model is not None:
-        data["model"] = model
-    data["experiment"].update(exp)
-    return config_from_dict(data)
+def cfg(optimizers=None, **kw):
+    return config_with(BASE, optimizers, **kw)
 
 
 def error_of(**kw) -> str:
-    with pytest.raises(ConfigError) as info:
-        cfg(**kw)
-    return str(info.value)
+    return config_error(BASE, **kw)
 
 
 def weights_of(model: nn.Module) -> list[torch.Tensor]:

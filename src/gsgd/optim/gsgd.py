@@ -58,6 +58,11 @@ def _settings(group: dict) -> tuple:
             group["compile"] is True, group["on_nonfinite"])
 
 
+def _carriers(steps: list[BlockStep]) -> int:
+    """How many carrier ratios the blocks of a step have."""
+    return sum(r.num_carriers for s in steps for r in s.tensors.routes)
+
+
 def _hyper(group: dict) -> StepHyper:
     return StepHyper(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                      group["nesterov"], group["max_ratio"], group["maximize"],
@@ -291,7 +296,7 @@ class GSGD(GBlockOptimizer):
         self._record(outcome, gated, owners, fresh)
         self._steps_since_flush += 1
         if outcome.clipped_total:
-            self._warn_if_clipping(outcome.clipped_total, steps)
+            self._warn_if_clipping(outcome.clipped_total, _carriers(steps))
         for params, p in zip(plain_params, plain, strict=True):  # buffers torch SGD created
             for q, buf in zip(params, p.buffers or [None] * len(params), strict=True):
                 if buf is not None:
@@ -318,9 +323,9 @@ class GSGD(GBlockOptimizer):
         prepared = prepare_fused(steps)
         if prepared is None:
             return None
-        carriers = sum(r.num_carriers for s in steps for r in s.tensors.routes)
         return Lane(prepared, tuple(k for k, _ in parts), tuple(p for _, p in parts),
-                    tuple(_settings(self.param_groups[p.group]) for _, p in parts), carriers)
+                    tuple(_settings(self.param_groups[p.group]) for _, p in parts),
+                    _carriers(steps))
 
     def _lane_step(self) -> bool:
         """Take the step by the prepared call if nothing it depends on has changed since it
@@ -330,7 +335,7 @@ class GSGD(GBlockOptimizer):
         if lane is None:
             return False
         kept = self.__dict__.get("_carried", {})
-        grads, hypers, carried, stamps = [], [], [], []
+        grads, hypers, carried, ages = [], [], [], []
         for key, part, settings in zip(lane.keys, lane.parts, lane.settings, strict=True):
             entry = kept.get(key)
             group = self.param_groups[part.group]
@@ -354,20 +359,19 @@ class GSGD(GBlockOptimizer):
             grads.append((gs, gbs))
             hypers.append(step_numbers(_hyper(group), False, part.weights[0])[0])
             carried.append(entry[1])
-            stamps.append(entry)
+            ages.append(entry[2])
         if any(p.grad is not None for p in self._plain):
             return False
         outcome = run_prepared(lane.prepared, grads, hypers, carried)
         if outcome is None:
             return False
-        for key, part, carry, entry in zip(lane.keys, lane.parts, outcome.carried, stamps,
-                                           strict=True):
-            kept[key] = (self._stamps(part), carry, entry[2] + 1)
+        for key, part, carry, age in zip(lane.keys, lane.parts, outcome.carried, ages,
+                                         strict=True):
+            kept[key] = (self._stamps(part), carry, age + 1)
         self._record(outcome, False, [k for k, _, _ in lane.keys], [])
         self._steps_since_flush += 1
-        if outcome.clipped_total and outcome.clipped_total >= self.CLIP_SHARE_WARN * \
-                lane.carriers:
-            self._warn_clipping(outcome.clipped_total, lane.carriers)
+        if outcome.clipped_total:
+            self._warn_if_clipping(outcome.clipped_total, lane.carriers, depth=1)
         return True
 
     def _gated(self, steps: list[BlockStep]) -> bool:
@@ -402,18 +406,14 @@ class GSGD(GBlockOptimizer):
             pending = self._pending_clips[k]
             self._pending_clips[k] = count if pending is None else pending + count
 
-    def _warn_if_clipping(self, clipped: int, steps: list[BlockStep]) -> None:
-        carriers = sum(r.num_carriers for s in steps for r in s.tensors.routes)
+    def _warn_if_clipping(self, clipped: int, carriers: int, depth: int = 0) -> None:
+        """Warn if the guard changed many ratios; ``depth``: frames between this and step()."""
         if carriers and clipped >= self.CLIP_SHARE_WARN * carriers:
-            self._warn_clipping(clipped, carriers)
-
-    def _warn_clipping(self, clipped: int, carriers: int) -> None:
-        if carriers:
             warnings.warn(
                 f"GSGD: the carrier-ratio guard changed {clipped} of {carriers} carrier ratios "
                 "in one step: the lr is too large for this init (the step leaves the paper's "
                 "trajectory; see step_amplification() and init='skeleton')", InitScaleWarning,
-                stacklevel=6)  # past step() and torch's two wrappers of it
+                stacklevel=5 + depth)  # past step() and torch's two wrappers of it
 
     def _compile_failed(self, message: str) -> None:
         warnings.warn(f"GSGD(compile=True): torch.compile failed ({message}); falling back to "
