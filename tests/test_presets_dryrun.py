@@ -14,10 +14,11 @@ from gsgd.experiments.runner import dry_run_config, experiment_dirs
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
-REQUIRED = ("mnist_mlp_paper", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd_balanced",
-            "pathsgd_unbalanced", "fashion_plainnet", "fashion_resnet20",
-            "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu", "mnist_adam_family",
-            "mnist_adam_family_short", "mnist_bp_norm_short")
+REQUIRED = ("e1_depth_init", "e2_mnist_mlp_paper", "e3_pathsgd", "e3_pathsgd_unbalanced",
+            "e4_fashion_widths", "e4_fashion_widths_tuned", "e5_fashion_plainnet",
+            "e5_fashion_resnet20", "mnist_mlp_short", "fashion_mlp_widths", "pathsgd_balanced",
+            "pathsgd_unbalanced", "cifar10_plainnet34_gpu", "cifar10_resnet34_gpu",
+            "mnist_adam_family", "mnist_adam_family_short", "mnist_bp_norm_short")
 # presets whose settings include nets that diverge from the skeleton init at the preset's
 # default lr (E1's 32-layer MLPs: the skeleton init's forward pass explodes); their runs may
 # end "diverged" (with a reason), never crash

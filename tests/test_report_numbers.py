@@ -334,6 +334,12 @@ def test_every_report_names_the_synthetic_data_and_the_epochs_actually_run(tmp_p
     assert "**SYNTHETIC data of digits's shape" in summary
     assert table_row(summary, "64-8-10")[-2] == "1"  # epochs run
     assert table_row(summary, "variant")[-2] == "epochs run"
+    # the G-structure of each variant, counted by hand: m = 64*8 + 8*10, H = 8 (no biases)
+    assert table_row(summary, "variant")[1:4] == ["m", "H", "H/m"]
+    assert table_row(summary, "64-8-10")[1:4] == ["592", "8", f"{8 / 592:.4f}"]
+    assert table_row(summary, "64-12-10")[1:4] == ["888", "12", f"{12 / 888:.4f}"]
+    info = json.loads((tmp_path / "w" / "64-12-10" / "experiment.json").read_text())
+    assert info["structure"] == {"m": 888, "H": 12, "blocks": 1, "H_over_m": 12 / 888}
     # a run stopped early: the epochs it ran, not the plan
     runs = {("SGD", 0): [epoch(1, 0.5, 0.5), epoch(2, 0.6, 0.6)], ("SGD", 1): [epoch(1, 0.5, 0.5)]}
     exp = fake_experiment(tmp_path / "e", runs, epochs=5, unfinished=(("SGD", 1),))

@@ -14,9 +14,9 @@ A config file has four parts (every key optional unless marked)::
     [[optimizers]] name (required), lr (required), label, momentum, weight_decay, nesterov,
                    lr_schedule ("constant" | "exp" | "step"), gamma, milestones, factor, sweep,
                    pathcond, skeleton, weights, and per optimizer: max_ratio, compile,
-                   on_nonfinite, bp_norm
+                   on_nonfinite, bp_norm, bn_mode
                    (gsgd), betas / eps (adam), betas / eps / amsgrad / decay_carriers /
-                   bp_norm / max_ratio / on_nonfinite (gadam, gadamw), c (enorm)
+                   bp_norm / max_ratio / on_nonfinite / bn_mode (gadam, gadamw), c (enorm)
 
 The experiment ``name`` names its results directory ``<out>/<name>``: one path component of
 letters, digits and ``-_.``. Unknown keys and bad values raise :class:`ConfigError` naming the
@@ -43,6 +43,10 @@ the optional ``rescale`` and PathCond. ``skeleton`` and ``weights`` in one ``[[o
 entry override ``[init]``'s for that optimizer's runs only (omitted: ``[init]``'s value), so
 one experiment can hold "G-SGD from the skeleton init", "SGD from the same skeleton init" and
 "SGD from He init", paired by seed (same base draw, same batch order; :meth:`Config.init_for`).
+``bn_mode`` in a G-optimizer's entry (gsgd, gadam, gadamw; a CNN with batch norm only) overrides
+``[model] bn_mode`` for its runs (:meth:`Config.model_for`): its G-structure, and so the
+designation of its skeleton init, e.g. "G-SGD (exact BN)" beside "G-SGD (the paper's
+approximate heuristic)" in one experiment, paired by seed with the SGD arms.
 
 PathCond (:func:`gsgd.pathcond`, a function-preserving rescaling of every G-block) at the start:
 ``[init] pathcond = true`` applies it for every optimizer, after the skeleton init and the
@@ -73,6 +77,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "INIT_OVERRIDES",
+    "MODEL_OVERRIDES",
     "INIT_WEIGHTS",
     "ExperimentSection",
     "InitSection",
@@ -108,6 +113,7 @@ OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # the registry's names, in its order
 SCHEDULES = ("constant", "exp", "step")
 INIT_WEIGHTS = ("default", "he")
 INIT_OVERRIDES = ("skeleton", "weights")  # [[optimizers]] keys that override [init]'s
+MODEL_OVERRIDES = ("bn_mode",)  # [[optimizers]] keys that override [model]'s
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 ON_NONFINITE = ("raise", "skip")
@@ -221,6 +227,7 @@ class OptimizerSpec:
     pathcond: bool = False  # gsgd.pathcond on this optimizer's model copy, after the init
     skeleton: bool | None = None  # None: [init] skeleton; else this optimizer's own
     weights: str | None = None  # None: [init] weights; else this optimizer's own
+    bn_mode: str | None = None  # None: [model] bn_mode; else this optimizer's own (G-optimizers)
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (counted from 0) under this spec's schedule."""
@@ -264,6 +271,14 @@ class Config:
             return self.init
         own = {k: getattr(spec, k) for k in INIT_OVERRIDES if getattr(spec, k) is not None}
         return replace(self.init, **own) if own else self.init
+
+    def model_for(self, spec: OptimizerSpec | None = None) -> ModelSection:
+        """The model ``spec``'s runs use: ``[model]`` with the ``bn_mode`` that ``spec`` sets
+        itself (its G-structure and so its skeleton init; ``[model]`` when None)."""
+        if spec is None:
+            return self.model
+        own = {k: getattr(spec, k) for k in MODEL_OVERRIDES if getattr(spec, k) is not None}
+        return replace(self.model, **own) if own else self.model
 
     def optimizer(self, label: str) -> OptimizerSpec:
         """The optimizer spec with this label."""
@@ -516,6 +531,7 @@ _OPTIMIZER_KEYS: dict[str, Check] = {
     "pathcond": _boolean,
     "skeleton": _boolean,
     "weights": _choice(INIT_WEIGHTS),
+    "bn_mode": _choice(BN_MODES),
 }
 _COMMON_OPTIMIZER_KEYS = tuple(k for k in _OPTIMIZER_KEYS
                                if not any(k in r.keys for r in OPTIMIZERS.values()))
@@ -660,6 +676,11 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         raise ConfigError("missing [[optimizers]]: give at least one [[optimizers]] table with "
                           f"name (one of {', '.join(OPTIMIZER_NAMES)}) and lr")
     optimizers = tuple(_optimizer(t, k, init) for k, t in enumerate(raw_opts))
+    for k, spec in enumerate(optimizers):
+        if spec.bn_mode is not None and not (model.kind != "mlp" and model.batchnorm):
+            raise ConfigError(f"[optimizers #{k + 1} ({spec.name})] bn_mode: only for a CNN "
+                              "with [model] batchnorm = true (it says how the optimizer's "
+                              "G-structure treats batch norm)")
     labels = [o.label for o in optimizers]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

@@ -93,7 +93,7 @@ def _gadam(spec: OptimizerSpec, model: nn.Module, **extra: Any) -> torch.optim.O
 
 
 _GADAM_KEYS = ("betas", "eps", "amsgrad", "decay_carriers", "bp_norm", "max_ratio",
-               "on_nonfinite")
+               "on_nonfinite", "bn_mode")
 
 
 def _registry(*records: OptimizerRecord) -> dict[str, OptimizerRecord]:
@@ -101,7 +101,8 @@ def _registry(*records: OptimizerRecord) -> dict[str, OptimizerRecord]:
 
 
 OPTIMIZERS: dict[str, OptimizerRecord] = _registry(
-    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile", "on_nonfinite", "bp_norm"),
+    OptimizerRecord("gsgd", "G-SGD", _gsgd, ("max_ratio", "compile", "on_nonfinite", "bp_norm",
+                                               "bn_mode"),
                     needs_structure=True),
     OptimizerRecord("sgd", "SGD", _sgd),
     OptimizerRecord("pathsgd", "Path-SGD", _pathsgd, needs_structure=True),

@@ -786,11 +786,19 @@ def write_report(exp_dir: str | Path, last_k: int | None = None,
     return exp_dir / "report.md"
 
 
+def _dims_cells(dims: dict | None) -> list[str]:
+    """m, H and the invariant ratio H/m of a variant's G-structure ("-" if not recorded)."""
+    if not dims:
+        return ["-", "-", "-"]
+    ratio = dims.get("H_over_m")
+    return [str(dims["m"]), str(dims["H"]), "-" if ratio is None else f"{ratio:.4f}"]
+
+
 def write_group_report(group_dir: str | Path, exp_dirs: list[Path],
                        last_k: int | None = None, baseline: str | None = None) -> Path:
-    """One table over model variants (e.g. widths): each optimizer's final test accuracy and the
-    paired gaps to the baseline (as in :func:`write_report`) per variant, the epochs run, with
-    links to the per-variant reports."""
+    """One table over model variants (e.g. widths): the G-structure's m, H and invariant ratio
+    H/m, each optimizer's final test accuracy and the paired gaps to the baseline (as in
+    :func:`write_report`) per variant, the epochs run, with links to the per-variant reports."""
     group_dir = Path(group_dir)
     infos = [_experiment_info(d) for d in exp_dirs]
     lines = [f"# {group_dir.name}: per model variant", ""]
@@ -811,12 +819,13 @@ def write_group_report(group_dir: str | Path, exp_dirs: list[Path],
                       "runs averaged (diverged runs are not); gaps paired by seed: mean and "
                       f"{100 * LEVEL:g}% t-interval."
                       + (f" Epochs planned: {planned}." if planned is not None else ""), "",
-                      "| variant | " + " | ".join([r.label for r in rows]
-                                                  + [f"{g.label} − {g.reference}" for g in gaps])
+                      "| variant | m | H | H/m | " + " | ".join(
+                          [r.label for r in rows] + [f"{g.label} − {g.reference}" for g in gaps])
                       + " | epochs run | report |",
-                      "|---" * (len(rows) + len(gaps) + 3) + "|"]
+                      "|---" * (len(rows) + len(gaps) + 6) + "|"]
             header_done = True
-        cells = [f"{_mean_std(r.values[acc], 100)} (n={r.n})" for r in rows]
+        cells = _dims_cells(info.get("structure"))
+        cells += [f"{_mean_std(r.values[acc], 100)} (n={r.n})" for r in rows]
         cells += [g.text() for g in gaps]
         done = _range([len(r.epochs) for r in runs if not r.diverged])
         rel = exp_dir.relative_to(group_dir) if exp_dir.is_relative_to(group_dir) else exp_dir

@@ -63,6 +63,7 @@ from gsgd.conditioning import PathCondResult, pathcond
 from gsgd.data import DatasetSplits, iterate_batches, num_batches
 from gsgd.experiments.config import (
     INIT_OVERRIDES,
+    MODEL_OVERRIDES,
     Config,
     InitSection,
     OptimizerSpec,
@@ -111,6 +112,7 @@ __all__ = [
     "initial_model",
     "experiment_dirs",
     "prepare_model",
+    "structure_dims",
     "resolve_device",
     "torch_threads",
     "run_dir_for",
@@ -219,12 +221,13 @@ def initial_model(config: Config, seed: int, data: DatasetSplits,
     (:meth:`Config.init_for`: ``[init]`` with ``spec``'s own ``skeleton`` / ``weights``): He
     weights when ``weights = "he"``, then the skeleton init, the optional rescaling, then
     PathCond when ``[init] pathcond`` or ``spec.pathcond`` asks for it; with what PathCond did
-    (None when it did not run)."""
+    (None when it did not run). The structure is that of :meth:`Config.model_for` (``spec``'s
+    own ``bn_mode``): the optimizer's G-structure and the skeleton init's designation."""
     init = config.init_for(spec)
     model = build_model(config.model, data.input_shape, data.num_classes, seed)
     if init.weights == "he":
         he_init(model, seed)
-    structure = model_structure(model, config.model)
+    structure = model_structure(model, config.model_for(spec))
     if init.skeleton:
         skeleton_init(model, structure, keep_sign=init.keep_sign)
     r = init.rescale
@@ -276,15 +279,17 @@ def _run_spec(config: Config, spec: OptimizerSpec, seed: int, data_name: str,
 
     ``"init"`` is the init this run starts from (:meth:`Config.init_for`): an optimizer's own
     ``skeleton`` / ``weights`` enter it there, not under ``"optimizer"``, so a run has the same
-    spec whether its init comes from ``[init]`` or from its optimizer entry."""
-    cfg = config_to_dict(replace(config, init=config.init_for(spec)))
+    spec whether its init comes from ``[init]`` or from its optimizer entry; the same for an
+    optimizer's own ``bn_mode`` under ``"model"`` (:meth:`Config.model_for`)."""
+    cfg = config_to_dict(replace(config, init=config.init_for(spec),
+                                 model=config.model_for(spec)))
     exp = {k: v for k, v in cfg["experiment"].items() if k not in _NOT_IN_SPEC}
     return {
         "experiment": _without_later_defaults(exp, _LATER_EXPERIMENT_KEYS),
         "model": cfg["model"], "init": _without_later_defaults(cfg["init"], _LATER_INIT_KEYS),
         "optimizer": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in asdict(spec).items()
-                      if k != "sweep" and k not in INIT_OVERRIDES
+                      if k != "sweep" and k not in INIT_OVERRIDES and k not in MODEL_OVERRIDES
                       and _LATER_OPTIMIZER_KEYS.get(k, _NO_DEFAULT) != v},
         "seed": seed, "data": data_name,
         "limits": {"max_batches_per_epoch": options.max_batches_per_epoch,
@@ -585,8 +590,18 @@ def _write_experiment_json(exp_dir: Path, config: Config, variant: str,
             "sizes": {k: len(getattr(data.splits, k).y) for k in ("train", "val", "test")},
             "labels": [s.label for s in config.optimizers],
             "optimizers": {s.label: s.name for s in config.optimizers},
+            "structure": structure_dims(config, data.splits),
             "config": config_to_dict(config)}
     atomic_write_text(exp_dir / "experiment.json", json.dumps(info, indent=1) + "\n")
+
+
+def structure_dims(config: Config, data: DatasetSplits) -> dict:
+    """The [model] G-structure's sizes: m weights in G-blocks, H hidden units, the blocks, and
+    the invariant ratio H / m (the share of weight-space directions that only rescale)."""
+    model = build_model(config.model, data.input_shape, data.num_classes, seed=0)
+    structure = model_structure(model, config.model)
+    m, h = structure.num_weights, structure.num_hidden
+    return {"m": m, "H": h, "blocks": len(structure.blocks), "H_over_m": h / m if m else None}
 
 
 def _is_marked(path: Path) -> bool:
