@@ -53,3 +53,15 @@ def test_preset_dry_run_trains_every_optimizer_and_writes_the_report(path, tmp_p
             assert 0.0 <= final["final"]["test_acc"] <= 1.0
             finished += 1
         assert finished, "at least one optimizer of every model trains"
+
+
+def test_a_dry_run_sweeps_tuned_config_is_a_valid_config(tmp_path, capsys):
+    """The dry run turns compile = "auto" off only where an optimizer takes ``compile``: the
+    tuned config it writes (G-SGD beside SGD) loads again."""
+    path = CONFIG_DIR / "e2_mnist_mlp_paper.toml"
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path), "--quiet"]) == 0
+    capsys.readouterr()
+    tuned = load_config(tmp_path / "dry-run" / "e2_mnist_mlp_paper-sweep"
+                        / "e2_mnist_mlp_paper-tuned.toml")
+    assert {s.name for s in tuned.optimizers} == {"gsgd", "sgd"}
+    assert all(not s.sweep for s in tuned.optimizers)

@@ -82,7 +82,7 @@ from gsgd.experiments.files import (
     remove_stale_temp_files,
 )
 from gsgd.experiments.models import build_model, model_structure
-from gsgd.experiments.optimizers import build_optimizer
+from gsgd.experiments.optimizers import OPTIMIZERS, build_optimizer
 from gsgd.experiments.report import (
     best_val_epoch,
     nonfinite_losses,
@@ -772,12 +772,15 @@ def _run_in_workers(tasks: list[Task], options: RunOptions, data: ExperimentData
 def dry_run_config(config: Config, batch_size: int = 8) -> Config:
     """The dry-run version of ``config``: 1 epoch, its first seed, small batches, checkpoints
     every 2 batches (so the mid-epoch checkpoint path runs too), and ``compile = "auto"``
-    eager (a dry run checks the pipeline in seconds; the compiler would take longer)."""
+    eager for the optimizers that take ``compile`` (a dry run checks the pipeline in seconds;
+    the compiler would take longer); the others keep their specs, so that a dry run's tuned
+    config stays a valid config."""
     exp = replace(config.experiment, epochs=1, seeds=config.experiment.seeds[:1],
                   sweep_seeds=config.experiment.sweep_seeds[:1],
                   batch_size=min(config.experiment.batch_size, batch_size), checkpoint_every=2,
                   eval_every=1)
-    specs = tuple(replace(s, compile=False) if s.compile == "auto" else s
+    specs = tuple(replace(s, compile=False)
+                  if s.compile == "auto" and "compile" in OPTIMIZERS[s.name].keys else s
                   for s in config.optimizers)
     return replace(config, experiment=exp, optimizers=specs)
 
