@@ -6,6 +6,7 @@
     gsgd sweep CONFIG [--widen N]      pick each optimizer's lr on the validation split
     gsgd report DIR                    rebuild report.md / curves.png of a results directory
     gsgd summary CONFIG | --widths ... print a model's G-structure (blocks, m, H, plain params)
+    gsgd figures DIR... --x depth      a paired gap against depth or H/m over experiments (plot)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gsgd.experiments.config import (
     input_shape,
     load_config,
 )
+from gsgd.experiments.figures import AXES as FIGURE_AXES
 from gsgd.experiments.files import DirectoryBusy, ForeignDirectoryError
 from gsgd.experiments.optimizers import OPTIMIZERS
 from gsgd.experiments.sweep import DEFAULT_WIDEN
@@ -194,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mlp", choices=MODEL_KINDS)
     p.add_argument("--dataset", default="mnist", choices=tuple(DATASET_SHAPES))
     _add_model_options(p)
+
+    p = sub.add_parser("figures", help="plot a paired gap against a model property over "
+                                       "experiment directories")
+    p.add_argument("dirs", type=Path, nargs="+",
+                   help="experiment directories, or group directories of model variants")
+    p.add_argument("--x", required=True, choices=FIGURE_AXES,
+                   help="depth: hidden layers of an MLP; H_over_m: the invariant ratio H/m; "
+                        "width: the first hidden width")
+    p.add_argument("--metric", default="test_acc",
+                   help="test_acc (default), test_acc_at_best_val or train_loss")
+    p.add_argument("--baseline", default=None,
+                   help="the label the gaps are taken against (default: the first plain SGD)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the .png to write (the table goes beside it as .md)")
+    p.add_argument("--title", default="")
 
     p = sub.add_parser("demo", help="the README's comparison: G-SGD vs SGD on MNIST")
     p.add_argument("--out", default="runs", help="results directory (default: %(default)s)")
@@ -375,6 +392,22 @@ def _natural_key(path: Path) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
 
 
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from gsgd.experiments.figures import experiment_dirs_under, gap_points, gap_table, plot_gaps
+
+    if args.out.suffix != ".png":
+        raise ConfigError(f"--out {args.out}: give a .png path (the table goes beside it as .md)")
+    dirs = experiment_dirs_under(args.dirs)
+    points = gap_points(dirs, args.x, args.metric, args.baseline)
+    if not points:
+        raise ConfigError(f"{', '.join(map(str, args.dirs))}: no paired gap to plot (no runs, or "
+                          "one optimizer only)")
+    path = plot_gaps(points, args.out, args.x, args.title)
+    print(gap_table(points, args.x).rstrip())
+    print(f"\nPlot:  {path}\nTable: {path.with_suffix('.md')}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gsgd.experiments.report import write_group_report, write_report
 
@@ -436,7 +469,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "compare": _cmd_compare,
-             "report": _cmd_report, "summary": _cmd_summary, "demo": _cmd_demo}
+             "report": _cmd_report, "summary": _cmd_summary, "figures": _cmd_figures,
+             "demo": _cmd_demo}
 
 
 class _Terminated(KeyboardInterrupt):
