@@ -691,3 +691,16 @@ def test_widening_reuses_the_runs_of_an_earlier_sweep(tmp_path, small):
     assert sorted(d.name for d in (tmp_path / "t-sweep").iterdir() if d.is_dir()) == [
         "SGD@lr=0.0001", "SGD@lr=0.001", "SGD@lr=1e-05"]
     assert second.choices[""]["SGD"].scores[1e-4] == first.choices[""]["SGD"].scores[1e-4]
+
+
+def test_tiny_train_losses_are_shown_in_significant_digits_not_as_zero(tmp_path):
+    runs = {("G-SGD", 0): [epoch(1, 0.9, 0.9, loss=4.0e-5)],
+            ("G-SGD", 1): [epoch(1, 0.9, 0.9, loss=6.0e-5)],
+            ("SGD", 0): [epoch(1, 0.9, 0.9, loss=1.0e-5)],
+            ("SGD", 1): [epoch(1, 0.9, 0.9, loss=2.0e-5)]}
+    text = write_report(fake_experiment(tmp_path / "e", runs, epochs=1)).read_text()
+    row = table_row(text, "G-SGD")
+    assert "5.00e-05 ± 1.41e-05" in row  # final train loss, not 0.0000 ± 0.0000
+    gap = [line for line in text.splitlines() if "final train loss (lower" in line][0]
+    assert "| +3.50e-05 |" in gap and "0.0000" not in gap
+    assert table_row(text, "SGD")[3] == "90.00 ± 0.00"  # accuracies keep their two decimals

@@ -425,13 +425,25 @@ def run_counters(run: RunRecord) -> RunCounters:
 # --------------------------------------------------------------------------- text
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def fixed(x: float, digits: int, sign: str = "") -> str:
+    """``x`` with ``digits`` decimals, or in 3 significant digits (e.g. 4.93e-05) where those
+    decimals would show a non-zero number as 0 (the train losses of long runs); ``sign="+"``
+    prints the sign of a gap."""
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:{sign}.2e}"
+    return f"{x:{sign}.{digits}f}"
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2,
+              small: bool = False) -> str:
+    """mean ± std (``small``: tiny values in significant digits, see :func:`fixed`)."""
     if not values:
         return "-"
+    show = (lambda x: fixed(x, digits)) if small else (lambda x: f"{x:.{digits}f}")
     m = statistics.fmean(values) * scale
     if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+        return show(m)
+    return f"{show(m)} ± {show(statistics.stdev(values) * scale)}"
 
 
 def _range(values: list[int]) -> str:
@@ -496,9 +508,9 @@ def _gap_cells(gap: PairedGap) -> list[str]:
     iv, d = gap.interval, gap.metric.digits
     if iv is None:
         return ["-", "-", "-", "0", "no seed where both runs are averaged"]
-    ci = "- (n = 1)" if iv.low is None else f"[{iv.low:+.{d}f}, {iv.high:+.{d}f}]"
-    sd = "-" if iv.sd is None else f"{iv.sd:.{d}f}"
-    return [f"{iv.mean:+.{d}f}", ci, sd, str(iv.n), gap.signs.text()]
+    ci = "- (n = 1)" if iv.low is None else f"[{fixed(iv.low, d, '+')}, {fixed(iv.high, d, '+')}]"
+    sd = "-" if iv.sd is None else fixed(iv.sd, d)
+    return [fixed(iv.mean, d, "+"), ci, sd, str(iv.n), gap.signs.text()]
 
 
 def _metric_text(metric: Metric) -> str:
@@ -590,7 +602,8 @@ def markdown_report(exp_dir: Path, runs: list[RunRecord], title: str = "",
         lines.append(
             f"| {r.label} | {r.lr} | {_mean_std(v['test_acc'], 100)} | "
             f"{_mean_std(v['test_acc_at_best_val'], 100)} | {_mean_std(v['val_acc'], 100)} | "
-            f"{_mean_std(v['train_loss'], 1, 4)} | {_mean_std(v['train_eval_loss'], 1, 4)} | "
+            f"{_mean_std(v['train_loss'], 1, 4, True)} | "
+            f"{_mean_std(v['train_eval_loss'], 1, 4, True)} | "
             f"{_mean_std(v['time'], 1, 1)} | {_range(r.epochs)} | {r.n} | {', '.join(status)} |")
     diverged = [r for r in runs if r.diverged]
     if diverged:
