@@ -704,3 +704,14 @@ def test_tiny_train_losses_are_shown_in_significant_digits_not_as_zero(tmp_path)
     gap = [line for line in text.splitlines() if "final train loss (lower" in line][0]
     assert "| +3.50e-05 |" in gap and "0.0000" not in gap
     assert table_row(text, "SGD")[3] == "90.00 ± 0.00"  # accuracies keep their two decimals
+
+
+def test_a_deep_variants_tuned_name_is_a_valid_experiment_name_and_short_ones_keep_theirs():
+    deep = "-".join(["784"] + ["64"] * 32 + ["10"])
+    name = sweep.tuned_name("e1_depth_init", deep)
+    assert name == "e1_depth_init-tuned-784-64x32-10"
+    config_from_dict({"experiment": {"name": name, "dataset": "digits"},
+                      "optimizers": [{"name": "sgd", "lr": 0.1}]})  # accepted
+    assert sweep.tuned_name("e1_depth_init", "784-64-64-10") == "e1_depth_init-tuned-784-64-64-10"
+    assert sweep.tuned_name("e2", "") == "e2-tuned"
+    assert sweep.compact_variant("49-8-8-10") == "49-8x2-10"

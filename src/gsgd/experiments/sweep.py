@@ -49,7 +49,7 @@ from gsgd.experiments.runner import (
 )
 
 __all__ = ["DEFAULT_WIDEN", "Score", "SweepChoice", "SweepResult", "choose_lr", "open_edges",
-           "run_sweep", "sweep_label", "widen_grid"]
+           "compact_variant", "run_sweep", "sweep_label", "tuned_name", "widen_grid"]
 
 DEFAULT_WIDEN = 2  # widening rounds of gsgd sweep
 
@@ -314,13 +314,41 @@ def _variant_lines(variant: str, cfg: Config, choices: dict[str, SweepChoice], w
     return lines
 
 
+NAME_LIMIT = 100  # an experiment name is at most this long (config.NAME_RULE)
+
+
+def compact_variant(variant: str) -> str:
+    """A variant name with runs of equal widths written once with a count: 784-64-64-64-10 ->
+    784-64x3-10."""
+    parts = variant.split("-")
+    out: list[str] = []
+    k = 0
+    while k < len(parts):
+        j = k
+        while j + 1 < len(parts) and parts[j + 1] == parts[k]:
+            j += 1
+        out.append(parts[k] if j == k else f"{parts[k]}x{j - k + 1}")
+        k = j + 1
+    return "-".join(out)
+
+
+def tuned_name(name: str, variant: str) -> str:
+    """The experiment name of a variant's tuned config: ``<name>-tuned-<variant>``, with the
+    variant compacted (:func:`compact_variant`) where the full name would be longer than an
+    experiment name may be (a 32-layer MLP's widths)."""
+    full = f"{name}-tuned" + (f"-{variant}" if variant else "")
+    if len(full) <= NAME_LIMIT:
+        return full
+    short = f"{name}-tuned-{compact_variant(variant)}"
+    return short if len(short) <= NAME_LIMIT else short[:NAME_LIMIT]
+
+
 def _write_tuned(config: Config, variant: str, cfg: Config, choices: dict[str, SweepChoice],
                  sweep_dir: Path) -> Path:
     """Write one variant's tuned config (the chosen lrs, no sweep lists); return its path."""
     tuned = tuple(replace(s, lr=choices[s.label].lr, sweep=()) if s.label in choices else s
                   for s in cfg.optimizers)
-    exp = replace(config.experiment, name=f"{config.experiment.name}-tuned"
-                  + (f"-{variant}" if variant else ""))
+    exp = replace(config.experiment, name=tuned_name(config.experiment.name, variant))
     tuned_cfg = replace(cfg, experiment=exp, optimizers=tuned)
     path = sweep_dir / f"{exp.name}.toml"
     chosen = {label: c.lr for label, c in choices.items()}
