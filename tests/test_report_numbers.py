@@ -711,6 +711,7 @@ def test_a_deep_variants_tuned_name_is_a_valid_experiment_name_and_short_ones_ke
     name = sweep.tuned_name("e1_depth_init", deep)
     assert name == "e1_depth_init-tuned-784-64x32-10"
     config_from_dict({"experiment": {"name": name, "dataset": "digits"},
+                      "model": {"widths": [64, 8, 10]},
                       "optimizers": [{"name": "sgd", "lr": 0.1}]})  # accepted
     assert sweep.tuned_name("e1_depth_init", "784-64-64-10") == "e1_depth_init-tuned-784-64-64-10"
     assert sweep.tuned_name("e2", "") == "e2-tuned"
