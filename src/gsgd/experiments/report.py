@@ -508,9 +508,12 @@ def _gap_cells(gap: PairedGap) -> list[str]:
     iv, d = gap.interval, gap.metric.digits
     if iv is None:
         return ["-", "-", "-", "0", "no seed where both runs are averaged"]
-    ci = "- (n = 1)" if iv.low is None else f"[{fixed(iv.low, d, '+')}, {fixed(iv.high, d, '+')}]"
-    sd = "-" if iv.sd is None else fixed(iv.sd, d)
-    return [fixed(iv.mean, d, "+"), ci, sd, str(iv.n), gap.signs.text()]
+    # losses (4 decimals) in significant digits where tiny; accuracies keep their decimals (a
+    # rounding residue such as -2e-15 pp is 0.00)
+    show = fixed if d >= 4 else (lambda x, digits, sign="": f"{x:{sign}.{digits}f}")
+    ci = "- (n = 1)" if iv.low is None else f"[{show(iv.low, d, '+')}, {show(iv.high, d, '+')}]"
+    sd = "-" if iv.sd is None else show(iv.sd, d)
+    return [show(iv.mean, d, "+"), ci, sd, str(iv.n), gap.signs.text()]
 
 
 def _metric_text(metric: Metric) -> str:
