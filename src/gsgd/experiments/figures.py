@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gsgd.experiments.config import ConfigError
-from gsgd.experiments.files import atomic_write_text, read_json
+from gsgd.experiments.files import atomic_open, atomic_write_text, read_json
 from gsgd.experiments.report import (
     LEVEL,
     Metric,
@@ -179,9 +179,8 @@ def plot_gaps(points: Sequence[GapPoint], path: Path, axis: str, title: str = ""
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     atomic_write_text(path.with_suffix(".md"), gap_table(points, axis))
     return path
