@@ -29,6 +29,7 @@ from gsgd.experiments.report import (
     load_runs,
     metric_gaps,
     resolve_baseline,
+    table_metrics,
 )
 
 __all__ = ["AXES", "GapPoint", "experiment_dirs_under", "gap_points", "gap_table", "plot_gaps",
@@ -96,10 +97,10 @@ def _metric(runs, key: str) -> Metric:
         if m.key == key:
             return m
     known = ", ".join(m.key for m in gap_metrics(runs))
-    if not known and key in ("test_acc", "test_acc_at_best_val", "train_loss"):
-        # nothing recorded (every run diverged): the gaps are n = 0 points, not an error
-        loss = key == "train_loss"
-        return Metric(key, key, not loss, 1.0 if loss else 100.0, 4 if loss else 2)
+    if not known:  # nothing recorded (every run diverged): the gaps are n = 0 points
+        for m in table_metrics(runs):
+            if m.key == key:
+                return m
     raise ConfigError(f"--metric {key!r}: the runs record {known}")
 
 

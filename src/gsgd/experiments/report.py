@@ -44,7 +44,7 @@ __all__ = ["CHANCE_FACTOR", "Curves", "Gap", "Metric", "OptimizerRow", "PairedGa
            "RunCounters", "RunRecord", "SignCount", "all_gaps", "best_val_epoch", "gap_metrics",
            "load_runs", "markdown_report", "metric_gaps", "nonfinite_losses", "paired_gaps",
            "plot_curves", "resolve_baseline", "run_counters", "run_value", "sign_count",
-           "summarize", "summary_record", "upgrade_record", "write_group_report",
+           "summarize", "summary_record", "table_metrics", "upgrade_record", "write_group_report",
            "write_report"]
 
 CHANCE_FACTOR = 1.5  # a final accuracy <= 1.5 / classes is flagged as "at chance"
@@ -363,13 +363,18 @@ def gap_metrics(runs: list[RunRecord], last_k: int = 1) -> list[Metric]:
     """The metrics of the paired-gap table that ``runs`` recorded: final test accuracy (val
     accuracy where no test split was evaluated, as in sweeps), test accuracy at the
     best-validation epoch, final train loss (lower is better)."""
+    return [m for m in table_metrics(runs, last_k)
+            if any(not r.diverged and run_value(r, m.key, last_k) is not None for r in runs)]
+
+
+def table_metrics(runs: list[RunRecord], last_k: int = 1) -> list[Metric]:
+    """Every metric the paired-gap table can hold, recorded by ``runs`` or not (see
+    :func:`gap_metrics` for those they recorded)."""
     fin = "final" if last_k == 1 else f"last-{last_k}"
     acc = accuracy_key(runs)
-    metrics = [Metric(acc, f"{fin} {acc.removesuffix('_acc')} acc", True, 100.0, 2),
-               Metric("test_acc_at_best_val", "test acc at best val", True, 100.0, 2),
-               Metric("train_loss", f"{fin} train loss", False, 1.0, 4)]
-    return [m for m in metrics
-            if any(not r.diverged and run_value(r, m.key, last_k) is not None for r in runs)]
+    return [Metric(acc, f"{fin} {acc.removesuffix('_acc')} acc", True, 100.0, 2),
+            Metric("test_acc_at_best_val", "test acc at best val", True, 100.0, 2),
+            Metric("train_loss", f"{fin} train loss", False, 1.0, 4)]
 
 
 def metric_gaps(runs: list[RunRecord], metric: Metric, reference: str | None,
