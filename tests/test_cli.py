@@ -143,6 +143,21 @@ def test_sweep_writes_a_report_and_a_tuned_config_ready_for_run(tiny, tmp_path, 
     assert cfg.experiment.name == "tiny-tuned"
 
 
+def test_a_sweep_shortened_by_epochs_writes_tuned_configs_with_the_presets_epochs(
+        tiny, tmp_path, capsys):
+    preset = tmp_path / "long.toml"
+    preset.write_text(TINY.replace("epochs = 1", "epochs = 7"))
+    out = tmp_path / "runs"
+    assert main(["sweep", str(preset), "--out", str(out), "--quiet", "--seeds", "0",
+                 "--epochs", "1"]) == 0
+    capsys.readouterr()
+    logs = list((out / "tiny-sweep").rglob("metrics.jsonl"))
+    assert logs and all(len(p.read_text().splitlines()) == 1 for p in logs)  # swept 1 epoch
+    tuned = out / "tiny-sweep" / "tiny-tuned.toml"
+    assert load_config(tuned).experiment.epochs == 7
+    assert "The sweep trained 1 epoch; this config trains 7." in tuned.read_text()
+
+
 def test_dry_run_with_synthetic_data_is_labelled(tiny, tmp_path, capsys):
     assert main(["run", str(tiny), "--out", str(tmp_path), "--dry-run", "--data", "synthetic",
                  "--quiet"]) == 0

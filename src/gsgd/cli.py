@@ -332,9 +332,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.widen < 0:
         raise ConfigError(f"--widen {args.widen}: must be >= 0 (0: no widening)")
-    config = _override(load_config(args.config), args)
+    preset = load_config(args.config)
+    config = _override(preset, args)
     out = _out_dir(args, config, "-sweep")
-    result = run_sweep(config, out, _options(args), widen=args.widen)
+    # --epochs shortens the sweep only: the tuned configs train the preset's epochs (a dry run
+    # keeps its own, shortened ones)
+    tuned_epochs = None if getattr(args, "dry_run", False) else preset.experiment.epochs
+    result = run_sweep(config, out, _options(args), widen=args.widen, tuned_epochs=tuned_epochs)
     print(result.report.read_text().rstrip())
     print(f"\nSweep report: {result.report}")
     for path in result.configs:

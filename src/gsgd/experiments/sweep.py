@@ -146,10 +146,13 @@ def widen_grid(grid: Sequence[float], edges: Sequence[str]) -> tuple[float, ...]
 
 
 def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
-              data: ExperimentData | None = None, widen: int = DEFAULT_WIDEN) -> SweepResult:
+              data: ExperimentData | None = None, widen: int = DEFAULT_WIDEN,
+              tuned_epochs: int | None = None) -> SweepResult:
     """Run the lr sweep of ``config`` under ``out_dir/<name>-sweep`` and choose each lr
     (``data``: these splits instead of loading ``[experiment] dataset``; ``widen``: at most
-    this many widenings of a grid whose choice is at its edge, 0: none)."""
+    this many widenings of a grid whose choice is at its edge, 0: none; ``tuned_epochs``: the
+    epochs the tuned configs train for, where the sweep itself ran a shortened
+    ``config.experiment.epochs``, e.g. ``gsgd sweep --epochs 30`` on a 100-epoch preset)."""
     if widen < 0:
         raise ConfigError(f"widen = {widen}: the number of widenings must be >= 0")
     options = replace(options or RunOptions(), evaluate_test=False)
@@ -187,7 +190,8 @@ def run_sweep(config: Config, out_dir: Path, options: RunOptions | None = None,
         chosen = {v: {label: c.lr for label, c in per.items()} for v, per in choices.items()}
         configs = []
         for variant, cfg, _exp_dir in variants:
-            path = _write_tuned(config, variant, cfg, choices[variant], sweep_dir)
+            path = _write_tuned(config, variant, cfg, choices[variant], sweep_dir,
+                                tuned_epochs)
             lines += _variant_lines(variant, cfg, choices[variant], widen, path)
             configs.append(path)
         report = sweep_dir / "sweep.md"
@@ -344,11 +348,17 @@ def tuned_name(name: str, variant: str) -> str:
 
 
 def _write_tuned(config: Config, variant: str, cfg: Config, choices: dict[str, SweepChoice],
-                 sweep_dir: Path) -> Path:
-    """Write one variant's tuned config (the chosen lrs, no sweep lists); return its path."""
+                 sweep_dir: Path, tuned_epochs: int | None = None) -> Path:
+    """Write one variant's tuned config (the chosen lrs, no sweep lists, ``tuned_epochs`` if
+    given, else the sweep's epochs); return its path."""
     tuned = tuple(replace(s, lr=choices[s.label].lr, sweep=()) if s.label in choices else s
                   for s in cfg.optimizers)
-    exp = replace(config.experiment, name=tuned_name(config.experiment.name, variant))
+    swept_epochs = config.experiment.epochs
+    epochs = swept_epochs if tuned_epochs is None else tuned_epochs
+    if epochs < 1:
+        raise ConfigError(f"tuned_epochs = {epochs}: must be >= 1")
+    exp = replace(config.experiment, name=tuned_name(config.experiment.name, variant),
+                  epochs=epochs)
     tuned_cfg = replace(cfg, experiment=exp, optimizers=tuned)
     path = sweep_dir / f"{exp.name}.toml"
     chosen = {label: c.lr for label, c in choices.items()}
@@ -357,6 +367,9 @@ def _write_tuned(config: Config, variant: str, cfg: Config, choices: dict[str, S
              f"{_plural(c.widenings, 'widening')})" for label, c in choices.items()]
     header = (f"Tuned by `gsgd sweep` from {config.experiment.name}: lrs chosen on the "
               f"validation split ({json.dumps(chosen)}).\nGrids (final, after widening): "
-              + "; ".join(grids) + f"\nRun: gsgd run {path}")
+              + "; ".join(grids)
+              + (f"\nThe sweep trained {_plural(swept_epochs, 'epoch')}; this config trains "
+                 f"{epochs}." if epochs != swept_epochs else "")
+              + f"\nRun: gsgd run {path}")
     atomic_write_text(path, config_to_toml(tuned_cfg, header))
     return path
